@@ -1,0 +1,1 @@
+"""Training suite for image diffusion models: shared library."""

@@ -1,0 +1,1 @@
+"""Trainable adapter networks (LoRA and friends) and LoRA tools."""
