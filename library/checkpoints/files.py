@@ -1,0 +1,93 @@
+"""Reading and writing weight files: safetensors, and pickled .ckpt/.pt only through torch's safe loader."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from library.atomic import atomic_path
+from library.errors import CheckpointError
+
+SAFETENSORS_EXTENSIONS = (".safetensors",)
+PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def add_checkpoint_arguments(parser) -> None:
+    """Options about reading checkpoint files, shared by every family."""
+    parser.add_argument(
+        "--allow_pickle",
+        action="store_true",
+        help="load .ckpt/.pt files with full unpickling, which can run code hidden in the file. Only for files "
+        "you trust that the safe loader rejects (by default pickled files are read with torch's weights-only loader)",
+    )
+
+
+def load_state_dict(path: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of a weight file, keyed by name. Pickled files use the weights-only loader unless allowed."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    extension = os.path.splitext(path)[1].lower()
+    if extension in SAFETENSORS_EXTENSIONS:
+        return _load_safetensors(path)
+    if extension in PICKLE_EXTENSIONS:
+        return _load_pickle(path, allow_pickle)
+    raise CheckpointError(
+        f"{path}: unknown checkpoint extension {extension!r}; expected .safetensors, or one of "
+        f"{', '.join(PICKLE_EXTENSIONS)} for pickled files, or a diffusers model folder"
+    )
+
+
+def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as err:  # safetensors raises several private error types for a damaged header
+        raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
+
+
+def _load_pickle(path: str, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):  # files from torch < 1.6 cannot be memory-mapped; read them whole
+                raise
+            loaded = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path} holds objects the safe loader refuses ({str(err).splitlines()[0]}). If you trust the file, "
+            "pass --allow_pickle, or convert it to .safetensors"
+        ) from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path} is not a readable checkpoint: {err}") from err
+    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{path} does not hold a state dict (found {type(loaded).__name__})")
+    return {key: value for key, value in loaded.items() if isinstance(value, torch.Tensor)}
+
+
+def read_safetensors_metadata(path: str) -> dict[str, str]:
+    """The string metadata of a safetensors file (empty when it has none)."""
+    with safe_open(path, framework="pt", device="cpu") as handle:
+        return dict(handle.metadata() or {})
+
+
+def save_state_dict(
+    state_dict: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None
+) -> None:
+    """Write tensors atomically as .safetensors (with metadata) or as a pickled .ckpt/.pt by extension."""
+    tensors = {key: value.detach().contiguous().cpu() for key, value in state_dict.items()}
+    with atomic_path(path) as temp:
+        if path.lower().endswith(SAFETENSORS_EXTENSIONS):
+            save_file(tensors, temp, metadata=metadata)
+        else:
+            payload = {"state_dict": tensors}
+            if metadata:
+                payload["metadata"] = json.dumps(metadata)
+            torch.save(payload, temp)

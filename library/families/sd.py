@@ -1,0 +1,347 @@
+"""Family `sd`: Stable Diffusion 1.x and 2.x (epsilon or v-prediction), from LDM single files or diffusers folders."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from library.checkpoints import sd_keys
+from library.checkpoints.files import load_state_dict
+from library.checkpoints.tokenizers import load_clip_tokenizer
+from library.errors import CheckpointError, ConfigError
+from library.families.base import LoadedModels, ModelFamily, TrainingInputs
+
+logger = logging.getLogger(__name__)
+
+TOKENS_PER_CHUNK = 75  # CLIP sees 77 positions: BOS + 75 tokens + EOS
+OTHER_SCRIPTS = {
+    "sdxl": "sdxl_train_network.py / sdxl_train.py",
+    "sd3": "sd3_train_network.py / sd3_train.py",
+    "flux": "flux_train_network.py / flux_train.py",
+}
+
+
+@dataclass
+class SDOptions:
+    """The `sd` family's options, typed."""
+
+    pretrained_model_name_or_path: str
+    v2: bool
+    v_parameterization: bool
+    clip_skip: int | None
+    max_token_length: int
+    vae: str | None
+    tokenizer_cache_dir: str | None
+    allow_pickle: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "SDOptions":
+        return cls(
+            pretrained_model_name_or_path=args.pretrained_model_name_or_path,
+            v2=args.v2,
+            v_parameterization=args.v_parameterization,
+            clip_skip=args.clip_skip,
+            max_token_length=args.max_token_length or TOKENS_PER_CHUNK,
+            vae=args.vae,
+            tokenizer_cache_dir=args.tokenizer_cache_dir,
+            allow_pickle=getattr(args, "allow_pickle", False),
+        )
+
+
+def make_noise_scheduler(v_parameterization: bool):
+    """The DDPM schedule the SD releases were trained with (scaled-linear betas 0.00085..0.012, 1000 steps)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        prediction_type="v_prediction" if v_parameterization else "epsilon",
+    )
+
+
+def _empty_model(factory):
+    """Build a model with parameters on the meta device (no memory), buffers real; weights are assigned later."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        return factory()
+
+
+def _assign_weights(model: torch.nn.Module, state_dict: dict, dtype: torch.dtype, what: str, source: str) -> None:
+    converted = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state_dict.items()}
+    result = model.load_state_dict(converted, strict=False, assign=True)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{source}: the {what} weights do not fit the model: missing {_first(result.missing_keys)}, "
+            f"unexpected {_first(result.unexpected_keys)}"
+        )
+
+
+def _first(keys: list[str], count: int = 8) -> str:
+    if not keys:
+        return "none"
+    shown = ", ".join(keys[:count])
+    return f"{len(keys)} ({shown}{', ...' if len(keys) > count else ''})"
+
+
+class SDFamily(ModelFamily):
+    """Stable Diffusion 1.x / 2.x."""
+
+    id = "sd"
+
+    def __init__(self, args: argparse.Namespace):
+        super().__init__(args)
+        self.options = SDOptions.from_args(args)
+        self.noise_scheduler = make_noise_scheduler(self.options.v_parameterization)
+        self.is_v2 = self.options.v2
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--pretrained_model_name_or_path",
+            type=str,
+            required=True,
+            help="base model: an SD 1.x/2.x checkpoint in the original single-file layout (.safetensors, or .ckpt "
+            "read with the safe loader), a local diffusers model folder, or a diffusers model id on the hub",
+        )
+        parser.add_argument("--v2", action="store_true", help="the base model is SD 2.x (OpenCLIP text encoder)")
+        parser.add_argument(
+            "--v_parameterization",
+            action="store_true",
+            help="the base model predicts v (SD 2.x 768-v models); without it the target is the noise (epsilon)",
+        )
+        parser.add_argument(
+            "--clip_skip",
+            type=int,
+            default=None,
+            help="use the output of the N-th text encoder layer from the end (2 = penultimate). Leave unset for "
+            "SD 2.x, which already conditions on the penultimate layer",
+        )
+        parser.add_argument(
+            "--max_token_length",
+            type=int,
+            default=None,
+            choices=[75, 150, 225],
+            help="caption length in tokens (default 75); 150 and 225 encode the caption in 75-token chunks",
+        )
+        parser.add_argument(
+            "--vae", type=str, default=None, help="replace the base model's VAE: a VAE file or diffusers VAE folder"
+        )
+        parser.add_argument(
+            "--tokenizer_cache_dir",
+            type=str,
+            default=None,
+            help="folder to read the tokenizer from, or to save it in on first use (for offline training)",
+        )
+
+    def validate(self) -> None:
+        options = self.options
+        if options.clip_skip is not None and options.clip_skip < 1:
+            raise ConfigError(f"--clip_skip must be 1 or more, got {options.clip_skip}")
+        if options.v_parameterization and not options.v2:
+            logger.warning("--v_parameterization without --v2: fine for v-prediction SD 1.x models, unusual otherwise")
+        path = options.pretrained_model_name_or_path
+        looks_like_file = os.path.splitext(path)[1].lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+        if looks_like_file and not os.path.isfile(path):
+            raise CheckpointError(f"--pretrained_model_name_or_path: file not found: {path}")
+        if options.vae is not None and not os.path.exists(options.vae):
+            raise CheckpointError(f"--vae: file or folder not found: {options.vae}")
+
+    # ---- loading -------------------------------------------------------------------------------------------
+
+    def load(self, weight_dtype: torch.dtype) -> LoadedModels:
+        path = self.options.pretrained_model_name_or_path
+        if os.path.isfile(path):
+            models = self._load_single_file(path, weight_dtype)
+        else:
+            models = self._load_diffusers(path, weight_dtype)
+        if self.options.vae is not None:
+            models.vae = self._load_vae(self.options.vae, weight_dtype)
+        for model in [models.denoiser, models.vae, *models.text_encoders]:
+            model.requires_grad_(False)
+            model.eval()
+        return models
+
+    def _load_single_file(self, path: str, weight_dtype: torch.dtype) -> LoadedModels:
+        state_dict = load_state_dict(path, allow_pickle=self.options.allow_pickle)
+        self._check_model_type(path, sd_keys.detect_model_type(state_dict.keys()))
+        arch = sd_keys.infer_architecture(state_dict)
+        logger.info("%s: SD %s checkpoint (original layout)", path, "2.x" if arch.v2 else "1.x")
+        components = sd_keys.split_ldm_checkpoint(state_dict, arch)
+        del state_dict
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        unet = _empty_model(lambda: UNet2DConditionModel(**arch.unet_config))
+        _assign_weights(unet, components.unet, weight_dtype, "UNet", path)
+        vae = _empty_model(lambda: AutoencoderKL(**arch.vae_config))
+        _assign_weights(vae, components.vae, weight_dtype, "VAE", path)
+        text_encoder = _empty_model(lambda: CLIPTextModel(CLIPTextConfig(**arch.text_config)))
+        text_state = sd_keys.to_model_keys(components.text_encoder, text_encoder)
+        _assign_weights(text_encoder, text_state, weight_dtype, "text encoder", path)
+        tokenizer = load_clip_tokenizer(arch.v2, cache_dir=self.options.tokenizer_cache_dir)
+        return LoadedModels(unet, vae, [text_encoder], [tokenizer], extras={"ldm_extras": components.extras})
+
+    def _check_model_type(self, path: str, model_type: str) -> None:
+        if model_type in OTHER_SCRIPTS:
+            raise CheckpointError(
+                f"{path} is a {model_type.upper()} checkpoint, which this script does not train; use "
+                f"{OTHER_SCRIPTS[model_type]}"
+            )
+        if model_type not in ("sd1", "sd2"):
+            raise CheckpointError(f"{path} does not look like a Stable Diffusion 1.x/2.x checkpoint")
+        file_is_v2 = model_type == "sd2"
+        if file_is_v2 != self.options.v2:
+            hint = "add --v2" if file_is_v2 else "remove --v2"
+            raise ConfigError(
+                f"{path} is an SD {'2.x' if file_is_v2 else '1.x'} checkpoint but --v2 is "
+                f"{'not ' if not self.options.v2 else ''}given: {hint}"
+            )
+
+    def _load_diffusers(self, path: str, weight_dtype: torch.dtype) -> LoadedModels:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        local = os.path.isdir(path)
+        if local and not os.path.isfile(os.path.join(path, "unet", "config.json")):
+            raise CheckpointError(
+                f"{path} is a folder but not a diffusers model (no unet/config.json); give a diffusers model folder "
+                "or a single checkpoint file"
+            )
+        kwargs = {"torch_dtype": weight_dtype, "local_files_only": local}
+        try:
+            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs)
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs)
+            text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kwargs)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"cannot load the diffusers model {path}: {err}") from err
+        uses_open_clip = text_encoder.config.hidden_act == "gelu"
+        if uses_open_clip != self.options.v2:
+            hint = "add --v2" if uses_open_clip else "remove --v2"
+            raise ConfigError(f"{path} is an SD {'2.x' if uses_open_clip else '1.x'} model: {hint}")
+        tokenizer = load_clip_tokenizer(
+            self.options.v2, model_dir=path if local else None, cache_dir=self.options.tokenizer_cache_dir
+        )
+        return LoadedModels(unet, vae, [text_encoder], [tokenizer])
+
+    def _load_vae(self, path: str, weight_dtype: torch.dtype) -> torch.nn.Module:
+        from diffusers import AutoencoderKL
+
+        if os.path.isdir(path):
+            subfolder = "vae" if os.path.isdir(os.path.join(path, "vae")) else None
+            return AutoencoderKL.from_pretrained(path, subfolder=subfolder, torch_dtype=weight_dtype)
+        state_dict = load_state_dict(path, allow_pickle=self.options.allow_pickle)
+        vae_config, vae_state = sd_keys.split_ldm_vae(state_dict, path)
+        vae = _empty_model(lambda: AutoencoderKL(**vae_config))
+        _assign_weights(vae, vae_state, weight_dtype, "VAE", path)
+        logger.info("VAE replaced by %s", path)
+        return vae
+
+    # ---- conditioning and objective ------------------------------------------------------------------------
+
+    def encode_images(self, models: LoadedModels, images: torch.Tensor) -> torch.Tensor:
+        vae = models.vae
+        latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.sample()
+        return latents * vae.config.scaling_factor
+
+    def tokenize(self, tokenizer, captions: list[str]) -> torch.Tensor:
+        """Token ids (B, chunks * 77): each 75-token chunk of the caption as its own BOS ... EOS sequence."""
+        chunks = self.options.max_token_length // TOKENS_PER_CHUNK
+        content = tokenizer(
+            captions, add_special_tokens=False, truncation=True, max_length=chunks * TOKENS_PER_CHUNK
+        ).input_ids
+        framed = [
+            frame_token_chunks(ids, chunks, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            for ids in content
+        ]
+        return torch.tensor(framed, dtype=torch.long)
+
+    def encode_text(self, models: LoadedModels, captions: list[str]) -> dict[str, torch.Tensor]:
+        text_encoder = models.text_encoders[0]
+        ids = self.tokenize(models.tokenizers[0], captions).to(text_encoder.device)
+        batch, length = ids.shape
+        chunks = length // (TOKENS_PER_CHUNK + 2)
+        hidden = self._text_hidden_states(text_encoder, ids.reshape(batch * chunks, TOKENS_PER_CHUNK + 2))
+        hidden = hidden.reshape(batch, chunks, TOKENS_PER_CHUNK + 2, -1)
+        return {"encoder_hidden_states": merge_chunk_states(hidden)}
+
+    def _text_hidden_states(self, text_encoder: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        clip_skip = self.options.clip_skip or 1
+        output = text_encoder(ids, output_hidden_states=clip_skip > 1)
+        if clip_skip == 1:
+            return output.last_hidden_state
+        final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+        return final_norm(output.hidden_states[-clip_skip])
+
+    def training_inputs(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> TrainingInputs:
+        batch = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        timesteps = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (batch,), device=latents.device, generator=generator
+        )
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.options.v_parameterization:
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        weights = torch.ones(batch, device=latents.device, dtype=torch.float32)
+        return TrainingInputs(noisy, timesteps, target, weights)
+
+    def predict(self, models, noisy_latents, timesteps, conditioning) -> torch.Tensor:
+        unet = models.denoiser
+        hidden = conditioning["encoder_hidden_states"].to(unet.dtype)
+        return unet(noisy_latents.to(unet.dtype), timesteps, hidden).sample
+
+    # ---- metadata ------------------------------------------------------------------------------------------
+
+    def base_model_version(self) -> str:
+        return "sd_v2" if self.options.v2 else "sd_v1"
+
+    def training_metadata(self) -> dict[str, str]:
+        return {
+            "ss_base_model_version": self.base_model_version(),
+            "ss_v2": str(self.options.v2),
+            "ss_v_parameterization": str(self.options.v_parameterization),
+            "ss_clip_skip": str(self.options.clip_skip),
+            "ss_max_token_length": str(self.options.max_token_length),
+            "ss_sd_model_name": os.path.basename(self.options.pretrained_model_name_or_path.rstrip("/\\")),
+            "ss_vae_name": os.path.basename(self.options.vae) if self.options.vae else "None",
+        }
+
+    def model_spec_architecture(self) -> str:
+        if not self.options.v2:
+            return "stable-diffusion-v1"
+        return "stable-diffusion-v2-768-v" if self.options.v_parameterization else "stable-diffusion-v2-512"
+
+    def model_spec_extra(self) -> dict[str, str]:
+        spec = {"modelspec.prediction_type": "v" if self.options.v_parameterization else "epsilon"}
+        if self.options.clip_skip:
+            spec["modelspec.encoder_layer"] = str(self.options.clip_skip)
+        return spec
+
+
+def frame_token_chunks(ids: list[int], chunks: int, bos: int, eos: int, pad: int) -> list[int]:
+    """Caption tokens (no BOS/EOS, at most chunks*75) -> chunks*77 ids: BOS, up to 75 tokens, EOS, padding.
+
+    A chunk past the end of the caption is BOS, EOS and padding, like an empty caption.
+    """
+    framed: list[int] = []
+    for index in range(chunks):
+        sequence = [bos, *ids[index * TOKENS_PER_CHUNK : (index + 1) * TOKENS_PER_CHUNK], eos]
+        framed += sequence + [pad] * (TOKENS_PER_CHUNK + 2 - len(sequence))
+    return framed
+
+
+def merge_chunk_states(hidden: torch.Tensor) -> torch.Tensor:
+    """(B, chunks, 77, D) -> (B, 2 + chunks*75, D): first BOS state, every chunk's 75 inner states, last EOS state."""
+    if hidden.shape[1] == 1:
+        return hidden[:, 0]
+    inner = hidden[:, :, 1:-1].reshape(hidden.shape[0], -1, hidden.shape[-1])
+    return torch.cat([hidden[:, 0, :1], inner, hidden[:, -1, -1:]], dim=1)

@@ -1,0 +1,61 @@
+"""The method interface: which parameters train, with which learning rates, and how the result is saved."""
+
+from __future__ import annotations
+
+import argparse
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from library.families.base import LoadedModels, ModelFamily
+
+
+class TrainingMethod(ABC):
+    """One way of training a family's models."""
+
+    name: ClassVar[str]
+    adapter: ClassVar[str | None] = None  # model-spec adapter suffix, e.g. "lora"
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+
+    @classmethod
+    @abstractmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add the method's own options."""
+
+    @abstractmethod
+    def validate(self) -> None:
+        """Check the method's options before any model loads."""
+
+    @abstractmethod
+    def setup(self, family: ModelFamily, models: LoadedModels) -> list[dict]:
+        """Make the trainable parameters; return optimizer parameter groups (each may carry its `lr`)."""
+
+    @property
+    @abstractmethod
+    def trains_text_encoder(self) -> bool:
+        """Whether gradients flow through the text encoders (else text is encoded without grad)."""
+
+    @abstractmethod
+    def trainable_modules(self) -> list[torch.nn.Module]:
+        """Modules whose parameters train (handed to accelerate)."""
+
+    def on_epoch_start(self, models: LoadedModels) -> None:
+        """Hook at the start of every epoch."""
+
+    def on_step_start(self, models: LoadedModels) -> None:
+        """Hook before every step."""
+
+    @abstractmethod
+    def output_extension(self) -> str:
+        """File extension of the saved result, with the dot."""
+
+    @abstractmethod
+    def save(self, path: str, metadata: dict[str, str], unwrap) -> None:
+        """Write the trained result to `path` atomically. `unwrap` undoes accelerate's wrapping of a module."""
+
+    def metadata(self) -> dict[str, str]:
+        """`ss_*` keys describing the method's settings."""
+        return {}

@@ -1,0 +1,167 @@
+"""Method `network`: freeze the base model, inject an adapter network (`--network_module`) and train only it."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+
+import torch
+
+from library.atomic import atomic_path
+from library.errors import ConfigError, MissingPackageError
+from library.families.base import LoadedModels, ModelFamily
+from library.methods.base import TrainingMethod
+from library.training.optimizers import parse_key_values
+
+logger = logging.getLogger(__name__)
+
+SAVE_FORMATS = ("safetensors", "ckpt", "pt")
+
+
+class NetworkMethod(TrainingMethod):
+    """Train an adapter network through the public plugin interface (`create_network`, `apply_to` ...)."""
+
+    name = "network"
+    adapter = "lora"
+
+    def __init__(self, args: argparse.Namespace):
+        super().__init__(args)
+        self.network_kwargs = parse_key_values(args.network_args or [], "--network_args")
+        self.network = None
+        self.module = None
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--network_module",
+            type=str,
+            default="networks.lora",
+            help="Python module of the adapter network (networks.lora, or a plugin such as lycoris.kohya)",
+        )
+        parser.add_argument("--network_dim", type=int, default=None, help="network rank (LoRA dim); module default")
+        parser.add_argument(
+            "--network_alpha", type=float, default=None, help="LoRA alpha: updates are scaled by alpha/dim (default 1)"
+        )
+        parser.add_argument("--network_dropout", type=float, default=None, help="dropout on the network's inputs")
+        parser.add_argument(
+            "--network_args", type=str, nargs="*", default=[], help="extra network options as key=value"
+        )
+        parser.add_argument(
+            "--network_weights", type=str, default=None, help="start from these saved network weights"
+        )
+        parser.add_argument(
+            "--network_train_unet_only", action="store_true", help="train only the denoiser part of the network"
+        )
+        parser.add_argument(
+            "--network_train_text_encoder_only",
+            action="store_true",
+            help="train only the text-encoder part of the network",
+        )
+        parser.add_argument("--unet_lr", type=float, default=None, help="learning rate of the denoiser part")
+        parser.add_argument(
+            "--text_encoder_lr", type=float, default=None, help="learning rate of the text-encoder part"
+        )
+        parser.add_argument(
+            "--save_model_as", type=str, default="safetensors", choices=SAVE_FORMATS, help="file format of the network"
+        )
+
+    def validate(self) -> None:
+        args = self.args
+        if args.network_train_unet_only and args.network_train_text_encoder_only:
+            raise ConfigError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
+        if args.network_dim is not None and args.network_dim < 1:
+            raise ConfigError(f"--network_dim must be 1 or more, got {args.network_dim}")
+        if args.network_weights is not None and not os.path.isfile(args.network_weights):
+            raise ConfigError(f"--network_weights: file not found: {args.network_weights}")
+        self.module = self._import_module(args.network_module)
+
+    @staticmethod
+    def _import_module(name: str):
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            package = err.name.split(".")[0] if err.name else name
+            hint = " (pip install lycoris-lora)" if package == "lycoris" else ""
+            raise MissingPackageError(f"--network_module {name}: cannot import {package}{hint}") from err
+
+    @property
+    def train_unet(self) -> bool:
+        return not self.args.network_train_text_encoder_only
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return not self.args.network_train_unet_only
+
+    def setup(self, family: ModelFamily, models: LoadedModels) -> list[dict]:
+        args = self.args
+        text_encoders = models.text_encoders[0] if len(models.text_encoders) == 1 else models.text_encoders
+        kwargs = dict(self.network_kwargs)
+        if args.network_dropout is not None:
+            kwargs["neuron_dropout"] = args.network_dropout
+        network = self.module.create_network(
+            1.0, args.network_dim, args.network_alpha, models.vae, text_encoders, models.denoiser, **kwargs
+        )
+        if network is None:
+            raise ConfigError(f"{args.network_module}.create_network returned no network for these options")
+        network.apply_to(text_encoders, models.denoiser, self.trains_text_encoder, self.train_unet)
+        if args.network_weights:
+            info = network.load_weights(args.network_weights)
+            logger.info("loaded network weights from %s: %s", args.network_weights, info)
+        if args.gradient_checkpointing:
+            network.enable_gradient_checkpointing()
+        self.network = network
+        return self._param_groups(network)
+
+    def _param_groups(self, network) -> list[dict]:
+        args = self.args
+        text_encoder_lr = args.text_encoder_lr if self.trains_text_encoder else 0.0
+        unet_lr = args.unet_lr if self.train_unet else 0.0
+        groups = network.prepare_optimizer_params(text_encoder_lr, unet_lr, args.learning_rate)
+        if isinstance(groups, tuple):  # newer plugins return (groups, descriptions)
+            groups = groups[0]
+        groups = [group for group in groups if group.get("lr", args.learning_rate) != 0]
+        if not groups:
+            raise ConfigError("nothing to train: every part of the network has learning rate 0 or is disabled")
+        network.prepare_grad_etc(None, None)
+        return groups
+
+    def trainable_modules(self) -> list[torch.nn.Module]:
+        return [self.network]
+
+    def on_epoch_start(self, models: LoadedModels) -> None:
+        self.network.on_epoch_start(models.text_encoders, models.denoiser)
+
+    def on_step_start(self, models: LoadedModels) -> None:
+        if hasattr(self.network, "on_step_start"):
+            self.network.on_step_start(models.text_encoders, models.denoiser)
+
+    def output_extension(self) -> str:
+        return "." + self.args.save_model_as
+
+    def save(self, path: str, metadata: dict[str, str], unwrap) -> None:
+        dtype = SAVE_DTYPES.get(self.args.save_precision)
+        network = unwrap(self.network)
+        # The plugin picks the format from the extension, so the temporary file keeps it.
+        with atomic_path(path) as temp:
+            network.save_weights(temp, dtype, metadata if path.endswith(".safetensors") else None)
+
+    def metadata(self) -> dict[str, str]:
+        args = self.args
+        return {
+            "ss_network_module": args.network_module,
+            "ss_network_dim": str(args.network_dim if args.network_dim is not None else "None"),
+            "ss_network_alpha": str(args.network_alpha if args.network_alpha is not None else "None"),
+            "ss_network_dropout": str(args.network_dropout),
+            "ss_network_args": json.dumps(self.network_kwargs) if self.network_kwargs else None,
+            "ss_unet_lr": str(args.unet_lr),
+            "ss_text_encoder_lr": str(args.text_encoder_lr),
+            "ss_network_train_unet_only": str(args.network_train_unet_only),
+            "ss_network_train_text_encoder_only": str(args.network_train_text_encoder_only),
+            "ss_network_weights": os.path.basename(args.network_weights) if args.network_weights else None,
+        }
+
+
+SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, None: None}

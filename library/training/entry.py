@@ -1,0 +1,59 @@
+"""What every entry script runs: build the parser from the parts that apply, parse, train, report user errors."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from library.errors import UserError
+
+logger = logging.getLogger("library")
+
+
+def build_parser(family_class, method_class, description: str) -> argparse.ArgumentParser:
+    """The parser with the options of the loop, optimizer, dataset engine, checkpoint reading, family and method."""
+    from library.checkpoints.files import add_checkpoint_arguments
+    from library.data.dataset import add_dataset_arguments
+    from library.training.loop_options import add_loop_arguments
+    from library.training.optimizers import add_optimizer_arguments
+
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    family_class.add_arguments(parser.add_argument_group(f"model ({family_class.id})"))
+    method_class.add_arguments(parser.add_argument_group(f"method ({method_class.name})"))
+    add_dataset_arguments(parser.add_argument_group("dataset"))
+    add_loop_arguments(parser.add_argument_group("training"))
+    add_optimizer_arguments(parser.add_argument_group("optimizer"))
+    add_checkpoint_arguments(parser.add_argument_group("checkpoint files"))
+    return parser
+
+
+def configure_logging() -> None:
+    """One handler for the whole run; only the main process logs at INFO."""
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_training(family_id: str, method_id: str, description: str, argv: list[str] | None = None) -> None:
+    """Parse the command line for `family_id` x `method_id` and train; user errors end with one line, exit 1."""
+    from library.families import get_family_class
+    from library.methods import get_method_class
+
+    family_class = get_family_class(family_id)
+    method_class = get_method_class(method_id)
+    args = build_parser(family_class, method_class, description).parse_args(argv)
+    configure_logging()
+    try:
+        from library.training.trainer import train
+
+        train(family_class(args), method_class(args), args)
+    except UserError as err:
+        logger.error("%s", err)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        logger.error("interrupted")
+        sys.exit(130)

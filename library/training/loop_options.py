@@ -1,0 +1,92 @@
+"""Options of the shared training loop: run length, output, precision, memory, seed."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+from library.errors import ConfigError
+
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
+    """The loop's options (saving formats belong to the method, data options to the dataset engine)."""
+    parser.add_argument("--output_dir", type=str, required=True, help="folder the trained files are written to")
+    parser.add_argument(
+        "--output_name", type=str, default="last", help="file name of the result without extension (default: last)"
+    )
+    parser.add_argument("--max_train_steps", type=int, default=1600, help="number of training steps (default 1600)")
+    parser.add_argument(
+        "--max_train_epochs", type=int, default=None, help="number of epochs; overrides --max_train_steps when given"
+    )
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, recorded)")
+    parser.add_argument(
+        "--mixed_precision", type=str, default="no", choices=PRECISIONS, help="compute precision of the frozen parts"
+    )
+    parser.add_argument(
+        "--save_precision",
+        type=str,
+        default=None,
+        choices=["float", "fp16", "bf16"],
+        help="precision of saved weights (default: as trained)",
+    )
+    parser.add_argument("--save_every_n_epochs", type=int, default=None, help="also save after every N epochs")
+    parser.add_argument(
+        "--gradient_checkpointing", action="store_true", help="recompute activations in backward to save memory"
+    )
+    parser.add_argument(
+        "--sdpa", action="store_true", help="use PyTorch scaled-dot-product attention (the default attention)"
+    )
+    parser.add_argument(
+        "--prior_loss_weight", type=float, default=1.0, help="loss weight of regularization images (default 1.0)"
+    )
+    parser.add_argument(
+        "--cpu_threads",
+        type=int,
+        default=None,
+        help="CPU threads per process when training on the CPU (default: all cores shared among the processes; "
+        "accelerate's own default of one thread is overridden)",
+    )
+
+
+@dataclass
+class LoopOptions:
+    """Typed loop options."""
+
+    output_dir: str
+    output_name: str
+    max_train_steps: int
+    max_train_epochs: int | None
+    seed: int | None
+    mixed_precision: str
+    save_every_n_epochs: int | None
+    gradient_checkpointing: bool
+    cpu_threads: int | None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "LoopOptions":
+        options = cls(
+            output_dir=args.output_dir,
+            output_name=args.output_name,
+            max_train_steps=args.max_train_steps,
+            max_train_epochs=args.max_train_epochs,
+            seed=args.seed,
+            mixed_precision=args.mixed_precision,
+            save_every_n_epochs=args.save_every_n_epochs,
+            gradient_checkpointing=args.gradient_checkpointing,
+            cpu_threads=args.cpu_threads,
+        )
+        options.validate()
+        return options
+
+    def validate(self) -> None:
+        for name in ("max_train_steps", "max_train_epochs", "save_every_n_epochs", "cpu_threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name} must be 1 or more, got {value}")
+        if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
+            raise ConfigError(f"--output_dir {self.output_dir} exists and is not a folder")
+        if not self.output_name or any(sep in self.output_name for sep in "/\\"):
+            raise ConfigError(f"--output_name must be a plain file name without folders, got {self.output_name!r}")
