@@ -26,6 +26,8 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
     os.remove(temp)
     try:
         yield temp
+        if os.path.isfile(temp):
+            os.chmod(temp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
         if os.path.isdir(target) and not os.path.islink(target):
             shutil.rmtree(target)
         os.replace(temp, target)
@@ -35,6 +37,12 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
         elif os.path.exists(temp):
             os.remove(temp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(target: str | os.PathLike, text: str) -> None:

@@ -1,1 +1,1 @@
-"""testing package."""
+"""Tiny models and toy datasets built locally, for tests, the demo and benchmarks (no hub, fixed seeds)."""

@@ -1,0 +1,25 @@
+"""Install the suite so `import library` and `import networks` work from any folder."""
+
+import os
+
+from setuptools import find_packages, setup
+
+here = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(here, "requirements.txt"), encoding="utf-8") as handle:
+    requirements = [line.strip() for line in handle if line.strip() and not line.startswith("#")]
+
+setup(
+    name="diffusion-trainer",
+    version="0.1.0",
+    description="Training suite for image diffusion models: LoRA, DreamBooth, fine-tuning, textual inversion",
+    packages=find_packages(include=["library", "library.*", "networks", "networks.*", "finetune", "finetune.*"]),
+    package_data={"library": ["configs/*.json"]},
+    python_requires=">=3.10",
+    install_requires=requirements,
+    extras_require={
+        "lycoris": ["lycoris-lora==4.1.3", "einops==0.8.2"],
+        "bitsandbytes": ["bitsandbytes"],
+        "xformers": ["xformers"],
+        "wandb": ["wandb"],
+    },
+)
