@@ -184,7 +184,7 @@ class SDFamily(ModelFamily):
         vae = _empty_model(lambda: AutoencoderKL(**arch.vae_config))
         _assign_weights(vae, components.vae, weight_dtype, "VAE", path)
         text_encoder = _empty_model(lambda: CLIPTextModel(CLIPTextConfig(**arch.text_config)))
-        text_state = sd_keys.to_model_keys(components.text_encoder, text_encoder)
+        text_state = sd_keys.text_encoder_to_model_keys(components.text_encoder, text_encoder)
         _assign_weights(text_encoder, text_state, weight_dtype, "text encoder", path)
         tokenizer = load_clip_tokenizer(arch.v2, cache_dir=self.options.tokenizer_cache_dir)
         return LoadedModels(unet, vae, [text_encoder], [tokenizer], extras={"ldm_extras": components.extras})

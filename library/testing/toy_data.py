@@ -67,7 +67,7 @@ def write_toy_dataset(out_dir: str, count: int = 8, reg_count: int = 0, resoluti
         f"enable_bucket = {'true' if enable_bucket else 'false'}",
         f"min_bucket_reso = {resolution // 2}",
         f"max_bucket_reso = {resolution * 2}",
-        "bucket_reso_steps = 32",
+        "bucket_reso_steps = 16",
         "",
         "  [[datasets.subsets]]",
         f"  image_dir = '{_toml_path(image_dir)}'",

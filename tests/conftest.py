@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny models in every format and a toy dataset, built once per test session, offline."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory) -> str:
+    """`sd1`, `sd2` and `sd2-v` tiny models as .safetensors, .ckpt and diffusers folders."""
+    from library.testing.tiny_models import write_variant
+
+    out = str(tmp_path_factory.mktemp("models"))
+    for variant in ("sd1", "sd2-v"):
+        write_variant(variant, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> str:
+    """A CLIP tokenizer folder rebuilt from open-clip-torch, shared by the runs."""
+    from library.checkpoints.tokenizers import write_clip_tokenizer_files
+
+    return write_clip_tokenizer_files(str(tmp_path_factory.mktemp("tokenizer")))
+
+
+@pytest.fixture(scope="session")
+def toy_dataset(tmp_path_factory) -> str:
+    """A toy dataset of 6 images with captions and 2 regularization images; returns the TOML path."""
+    from library.testing.toy_data import write_toy_dataset
+
+    return write_toy_dataset(str(tmp_path_factory.mktemp("data")), count=6, reg_count=2, batch_size=2)
+
+
+def run_cli(args: list[str], tmp_path, launcher: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run an entry script as a user would (through `accelerate launch` with no accelerate config file)."""
+    env = dict(os.environ)
+    env["HF_HOME"] = str(tmp_path / "hf_home")  # no accelerate config, no hub cache
+    env["PYTHONUNBUFFERED"] = "1"
+    if launcher:
+        accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+        command = [accelerate, "launch", "--quiet", *args]
+    else:
+        command = [sys.executable, *args]
+    return subprocess.run(
+        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
