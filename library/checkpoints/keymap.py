@@ -46,9 +46,6 @@ class KeyMap:
         assert len(self.original_names) == len(self.entries), "duplicate original name in key table"
         assert len(self.model_names) == sum(len(e.model) for e in self.entries), "duplicate model name in key table"
 
-    def __add__(self, other: KeyMap) -> KeyMap:
-        return KeyMap(self.entries + other.entries)
-
     def to_model(self, source: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Original names -> model names. Every original name of the table must be in `source`."""
         converted: dict[str, Tensor] = {}

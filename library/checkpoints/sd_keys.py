@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from library.checkpoints.keymap import Entry, KeyMap, check_keys, format_keys
@@ -109,6 +110,8 @@ _UNET_RESNET = _params(
     }
 )
 _UNET_RESNET_SHORTCUT = _params({"skip_connection": "conv_shortcut"})
+_UNET_DOWNSAMPLER = _params({"0.op": "conv"})
+_CONV = _params(_same("conv"))  # up/downsamplers
 _UNET_TRANSFORMER = _params(_same("norm", "proj_in", "proj_out"))
 _UNET_TRANSFORMER_BLOCK = _params(
     _same("attn1.to_out.0", "attn2.to_out.0", "norm1", "norm2", "norm3", "ff.net.0.proj", "ff.net.2")
@@ -165,37 +168,46 @@ def _unet_transformer(original: str, model: str, depth: int) -> Iterator[Entry]:
 
 
 def _unet_entries(cfg: Mapping) -> Iterator[Entry]:
-    channels = list(cfg["block_out_channels"])
-    levels, per_level = len(channels), cfg["layers_per_block"]
+    channels, per_level = list(cfg["block_out_channels"]), cfg["layers_per_block"]
     depth = cfg.get("transformer_layers_per_block", 1)
     down_attention = [name.startswith("CrossAttn") for name in cfg["down_block_types"]]
     up_attention = [name.startswith("CrossAttn") for name in cfg["up_block_types"]]
     yield from _entries(_UNET_TOP, "", "")
-    for level in range(levels):  # input_blocks: conv_in, then per level `per_level` blocks and a downsampler
-        for layer in range(per_level):
-            original = f"input_blocks.{1 + level * (per_level + 1) + layer}."
-            in_channels = channels[level - 1] if layer == 0 and level > 0 else channels[level]
-            model = f"down_blocks.{level}."
-            yield from _unet_resnet(original + "0.", f"{model}resnets.{layer}.", in_channels != channels[level])
-            if down_attention[level]:
-                yield from _unet_transformer(original + "1.", f"{model}attentions.{layer}.", depth)
-        if level < levels - 1:
-            downsampler = f"input_blocks.{(level + 1) * (per_level + 1)}."
-            yield from _entries(_params({"0.op": "conv"}), downsampler, f"down_blocks.{level}.downsamplers.0.")
+    yield from _unet_down_entries(channels, per_level, down_attention, depth)
     yield from _unet_resnet("middle_block.0.", "mid_block.resnets.0.", False)
     yield from _unet_transformer("middle_block.1.", "mid_block.attentions.0.", depth)
     yield from _unet_resnet("middle_block.2.", "mid_block.resnets.1.", False)
-    for level in range(levels):  # output_blocks, in diffusers' up_blocks order (deepest level first)
+    yield from _unet_up_entries(len(channels), per_level, up_attention, depth)
+
+
+def _unet_down_entries(channels: list[int], per_level: int, attention: list[bool], depth: int) -> Iterator[Entry]:
+    """input_blocks: 0 is conv_in, then per level `per_level` resnet(+transformer) blocks and a downsampler."""
+    for level in range(len(channels)):
+        model = f"down_blocks.{level}."
+        for layer in range(per_level):
+            original = f"input_blocks.{1 + level * (per_level + 1) + layer}."
+            in_channels = channels[level - 1] if layer == 0 and level > 0 else channels[level]
+            yield from _unet_resnet(original + "0.", f"{model}resnets.{layer}.", in_channels != channels[level])
+            if attention[level]:
+                yield from _unet_transformer(original + "1.", f"{model}attentions.{layer}.", depth)
+        if level < len(channels) - 1:
+            downsampler = f"input_blocks.{(level + 1) * (per_level + 1)}."
+            yield from _entries(_UNET_DOWNSAMPLER, downsampler, f"{model}downsamplers.0.")
+
+
+def _unet_up_entries(levels: int, per_level: int, attention: list[bool], depth: int) -> Iterator[Entry]:
+    """output_blocks, in diffusers' up_blocks order (deepest level first): `per_level + 1` blocks per level."""
+    for level in range(levels):
+        model = f"up_blocks.{level}."
         for layer in range(per_level + 1):
             original = f"output_blocks.{level * (per_level + 1) + layer}."
-            model = f"up_blocks.{level}."
             # The skip concatenation always widens the input, so every up resnet has a shortcut conv.
             yield from _unet_resnet(original + "0.", f"{model}resnets.{layer}.", True)
-            if up_attention[level]:
+            if attention[level]:
                 yield from _unet_transformer(original + "1.", f"{model}attentions.{layer}.", depth)
-        if level < levels - 1:
-            upsampler = f"output_blocks.{level * (per_level + 1) + per_level}.{2 if up_attention[level] else 1}."
-            yield from _entries(_params({"conv": "conv"}), upsampler, f"up_blocks.{level}.upsamplers.0.")
+        if level < levels - 1:  # the upsampler follows the last resnet (and its transformer, if any)
+            upsampler = f"output_blocks.{level * (per_level + 1) + per_level}.{2 if attention[level] else 1}."
+            yield from _entries(_CONV, upsampler, f"{model}upsamplers.0.")
 
 
 def _vae_resnet(original: str, model: str, shortcut: bool) -> Iterator[Entry]:
@@ -229,7 +241,7 @@ def _vae_entries(cfg: Mapping) -> Iterator[Entry]:
                 f"{original}block.{layer}.", f"{model}resnets.{layer}.", in_channels != channels[level]
             )
         if level < levels - 1:
-            yield from _entries(_params({"conv": "conv"}), f"{original}downsample.", f"{model}downsamplers.0.")
+            yield from _entries(_CONV, f"{original}downsample.", f"{model}downsamplers.0.")
     reversed_channels = channels[::-1]
     for level in range(levels):  # the LDM decoder numbers its levels from the top, diffusers from the bottom
         original, model = f"decoder.up.{levels - 1 - level}.", f"decoder.up_blocks.{level}."
@@ -239,7 +251,7 @@ def _vae_entries(cfg: Mapping) -> Iterator[Entry]:
                 f"{original}block.{layer}.", f"{model}resnets.{layer}.", in_channels != reversed_channels[level]
             )
         if level < levels - 1:
-            yield from _entries(_params({"conv": "conv"}), f"{original}upsample.", f"{model}upsamplers.0.")
+            yield from _entries(_CONV, f"{original}upsample.", f"{model}upsamplers.0.")
 
 
 def _clip_entries(layers: int) -> Iterator[Entry]:
@@ -270,17 +282,13 @@ def _open_clip_last_layer(arch: SDArchitecture) -> KeyMap:
     return KeyMap(_open_clip_layer(layers, layers - 1))
 
 
-def _component_maps(arch: SDArchitecture) -> dict[str, tuple[str, KeyMap]]:
-    """Component name -> (original prefix, key map with full original names)."""
+def _component_maps(arch: SDArchitecture) -> dict[str, KeyMap]:
+    """`SDComponents` field name -> key map with full original names."""
     unet = KeyMap(Entry(UNET_PREFIX + e.original, e.model, e.layout) for e in _unet_entries(arch.unet_config))
     vae = KeyMap(Entry(VAE_PREFIX + e.original, e.model, e.layout) for e in _vae_entries(arch.vae_config))
     layers = arch.text_config["num_hidden_layers"]
     text = KeyMap(_open_clip_entries(layers) if arch.v2 else _clip_entries(layers))
-    return {
-        "unet": (UNET_PREFIX, unet),
-        "vae": (VAE_PREFIX, vae),
-        "text_encoder": (OPEN_CLIP_PREFIX if arch.v2 else CLIP_PREFIX, text),
-    }
+    return {"unet": unet, "vae": vae, "text_encoder": text}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -289,7 +297,7 @@ def _component_maps(arch: SDArchitecture) -> dict[str, tuple[str, KeyMap]]:
 
 def ldm_key_names(arch: SDArchitecture) -> set[str]:
     """The original names every checkpoint of this architecture must hold (optional extras excluded)."""
-    names = set().union(*(keymap.original_names for _, keymap in _component_maps(arch).values()))
+    names = set().union(*(keymap.original_names for keymap in _component_maps(arch).values()))
     if arch.v2:
         names |= _open_clip_last_layer(arch).original_names
     return names
@@ -312,7 +320,7 @@ def split_ldm_checkpoint(state_dict: Mapping[str, Tensor], arch: SDArchitecture)
     )
     if arch.v2:
         extras.update({key: state_dict[key] for key in _open_clip_last_layer(arch).original_names})
-    models = {name: keymap.to_model(state_dict) for name, (_, keymap) in _component_maps(arch).items()}
+    models = {name: keymap.to_model(state_dict) for name, keymap in _component_maps(arch).items()}
     return SDComponents(**models, extras=extras)
 
 
@@ -324,13 +332,14 @@ def join_ldm_checkpoint(components: SDComponents, arch: SDArchitecture) -> dict[
     never uses that layer. Missing `text_projection` / `logit_scale` are left out (no SD pipeline reads them).
     """
     checkpoint: dict[str, Tensor] = {}
-    for name, (_, keymap) in _component_maps(arch).items():
+    for name, keymap in _component_maps(arch).items():
         state = getattr(components, name)
         check_keys(
             state,
             keymap.model_names,
             f"Cannot write the {name} in the original SD layout",
-            f"Expected the state dict of a model built from the inferred {name} config.",
+            f"Expected the state dict of a model built from the architecture's {name} config"
+            + (" with canonical names (see text_encoder_from_model_keys)." if name == "text_encoder" else "."),
         )
         checkpoint.update(keymap.to_original(state))
     extras = dict(components.extras)
@@ -339,6 +348,33 @@ def join_ldm_checkpoint(components: SDComponents, arch: SDArchitecture) -> dict[
     _check_extras(extras, checkpoint, arch)
     checkpoint.update(extras)
     return checkpoint
+
+
+def split_ldm_vae(state_dict: Mapping[str, Tensor], source: str) -> tuple[dict, dict[str, Tensor]]:
+    """A VAE in the original layout -> (AutoencoderKL config, AutoencoderKL state dict); `source` names the file.
+
+    Accepts a standalone VAE file (`encoder.*`, `decoder.*`, as vae-ft-mse-840000-ema-pruned) or a full SD
+    checkpoint, whose `first_stage_model.*` is used and everything else ignored. A standalone file's training-only
+    keys (`loss.*`: discriminator / LPIPS, `model_ema.*`) are skipped; any other unknown key is an error.
+    """
+    if any(key.startswith(VAE_PREFIX) for key in state_dict):
+        vae_state = {key: tensor for key, tensor in state_dict.items() if key.startswith(VAE_PREFIX)}
+    else:
+        if any(key.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for key in state_dict):
+            raise CheckpointError(
+                f"{source} holds diffusers VAE weights; give the diffusers VAE folder (with its config.json) instead."
+            )
+        skipped = ("loss.", "model_ema.")
+        vae_state = {VAE_PREFIX + key: tensor for key, tensor in state_dict.items() if not key.startswith(skipped)}
+    config = _infer_vae_config(_Shapes(vae_state, source))
+    keymap = KeyMap(Entry(VAE_PREFIX + e.original, e.model, e.layout) for e in _vae_entries(config))
+    check_keys(
+        vae_state,
+        keymap.original_names,
+        f"{source}: VAE keys do not match the SD VAE layout",
+        "Expected an SD VAE in the original layout (encoder.*, decoder.*, quant_conv.*, post_quant_conv.*).",
+    )
+    return config, keymap.to_model(vae_state)
 
 
 def _with_last_text_layer(extras: dict[str, Tensor], text_encoder: Mapping[str, Tensor], arch: SDArchitecture) -> dict:
@@ -366,17 +402,22 @@ def _check_extras(extras: Mapping[str, Tensor], checkpoint: Mapping[str, Tensor]
         )
 
 
+_LEGACY_CLIP_PREFIXES = tuple(
+    "cond_stage_model.transformer." + part for part in ("embeddings.", "encoder.", "final_layer_norm.")
+)
+
+
 def _with_canonical_clip_names(state_dict: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
-    """Read SD 1.x files saved with transformers < 4.0 names (no `text_model.`) as the canonical names."""
-    legacy = "cond_stage_model.transformer."
-    parts = ("embeddings.", "encoder.", "final_layer_norm.")
-    if not any(key.startswith(legacy) and key[len(legacy) :].startswith(parts) for key in state_dict):
+    """Read SD 1.x files saved from old transformers versions (CLIP names without `text_model.`) canonically.
+
+    Some early fine-tunes and merges have them; a save writes the canonical names.
+    """
+    if not any(key.startswith(_LEGACY_CLIP_PREFIXES) for key in state_dict):
         return state_dict
+    legacy = len("cond_stage_model.transformer.")
     return {
-        (
-            CLIP_PREFIX + key[len(legacy) :] if key.startswith(legacy) and key[len(legacy) :].startswith(parts) else key
-        ): t
-        for key, t in state_dict.items()
+        (CLIP_PREFIX + key[legacy:] if key.startswith(_LEGACY_CLIP_PREFIXES) else key): tensor
+        for key, tensor in state_dict.items()
     }
 
 
@@ -384,9 +425,9 @@ def _with_canonical_clip_names(state_dict: Mapping[str, Tensor]) -> Mapping[str,
 # Text-encoder names of the installed transformers version.
 
 
-def text_encoder_to_model_keys(text_encoder: Mapping[str, Tensor], model: object) -> dict[str, Tensor]:
+def text_encoder_to_model_keys(text_encoder: Mapping[str, Tensor], model: torch.nn.Module) -> dict[str, Tensor]:
     """Canonical text-encoder names -> the names `model.state_dict()` uses (transformers >= 5.6 drop `text_model.`)."""
-    first_key = next(iter(model.state_dict()))  # type: ignore[attr-defined]
+    first_key = next(iter(model.state_dict()))
     if first_key.startswith(TEXT_MODEL_PREFIX):
         return dict(text_encoder)
     return {key.removeprefix(TEXT_MODEL_PREFIX): tensor for key, tensor in text_encoder.items()}
@@ -435,14 +476,24 @@ def detect_model_type(keys: Iterable[str]) -> ModelType:
     return "unknown"
 
 
+_OTHER_FAMILIES = {
+    "sdxl": ("an SDXL", "sdxl_"),
+    "sd3": ("an SD3", "sd3_"),
+    "flux": ("a FLUX.1", "flux_"),
+    "lumina": ("a Lumina", "lumina_"),
+}
+
+
 def infer_architecture(state_dict: Mapping[str, Tensor]) -> SDArchitecture:
     """Read the diffusers / transformers configs of an SD 1.x / 2.x original-layout checkpoint from its shapes."""
     model_type = detect_model_type(state_dict)
-    if model_type not in ("sd1", "sd2"):
-        found = "an unrecognized layout" if model_type == "unknown" else f"a {model_type} checkpoint"
+    if model_type in _OTHER_FAMILIES:
+        name, scripts = _OTHER_FAMILIES[model_type]
+        raise CheckpointError(f"This is {name} checkpoint, not SD 1.x / 2.x; train it with the {scripts}* scripts.")
+    if model_type == "unknown":
         raise CheckpointError(
-            f"This is {found}, not an SD 1.x / 2.x checkpoint in the original single-file layout "
-            "(model.diffusion_model.*, first_stage_model.*, cond_stage_model.*)."
+            "This checkpoint is not an SD 1.x / 2.x checkpoint in the original single-file layout "
+            "(model.diffusion_model.*, first_stage_model.*, cond_stage_model.*) nor another known family."
         )
     state_dict = _with_canonical_clip_names(state_dict)
     v2 = model_type == "sd2"
@@ -458,13 +509,14 @@ def infer_architecture(state_dict: Mapping[str, Tensor]) -> SDArchitecture:
 class _Shapes:
     """Shape and index look-ups on a checkpoint, failing with the name of the key that is missing."""
 
-    def __init__(self, state_dict: Mapping[str, Tensor]) -> None:
+    def __init__(self, state_dict: Mapping[str, Tensor], source: str = "Checkpoint") -> None:
         self.state_dict = state_dict
+        self.source = source
 
     def __call__(self, key: str) -> tuple[int, ...]:
         if key not in self.state_dict:
             raise CheckpointError(
-                f"Checkpoint lacks {key!r}, needed to read the SD 1.x / 2.x architecture; the file is incomplete "
+                f"{self.source} lacks {key!r}, needed to read the SD 1.x / 2.x architecture; the file is incomplete "
                 "or not in the original single-file layout."
             )
         return tuple(self.state_dict[key].shape)
@@ -513,7 +565,7 @@ def _infer_vae_config(shapes: _Shapes) -> dict:
     encoder = VAE_PREFIX + "encoder."
     levels = shapes.count(encoder + "down.")
     if levels == 0:
-        raise CheckpointError(f"Checkpoint has no VAE weights ({VAE_PREFIX}*); an SD checkpoint includes its VAE.")
+        raise CheckpointError(f"{shapes.source} has no VAE weights (no encoder.down.* tensors).")
     return {
         "in_channels": shapes(encoder + "conv_in.weight")[1],
         "out_channels": shapes(VAE_PREFIX + "decoder.conv_out.weight")[0],

@@ -172,9 +172,12 @@ class SDFamily(ModelFamily):
     def _load_single_file(self, path: str, weight_dtype: torch.dtype) -> LoadedModels:
         state_dict = load_state_dict(path, allow_pickle=self.options.allow_pickle)
         self._check_model_type(path, sd_keys.detect_model_type(state_dict.keys()))
-        arch = sd_keys.infer_architecture(state_dict)
+        try:
+            arch = sd_keys.infer_architecture(state_dict)
+            components = sd_keys.split_ldm_checkpoint(state_dict, arch)
+        except CheckpointError as err:
+            raise CheckpointError(f"{path}: {err}") from err
         logger.info("%s: SD %s checkpoint (original layout)", path, "2.x" if arch.v2 else "1.x")
-        components = sd_keys.split_ldm_checkpoint(state_dict, arch)
         del state_dict
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel
