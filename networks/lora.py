@@ -85,8 +85,9 @@ def _parse_number(key: str, raw: object, kind: type) -> int | float | None:
     try:
         return kind(raw)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"--network_args {key} must be {'an integer' if kind is int else 'a number'}, "
-                          f"got '{raw}'.") from err
+        raise ConfigError(
+            f"--network_args {key} must be {'an integer' if kind is int else 'a number'}, got '{raw}'."
+        ) from err
 
 
 def delta_weight(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -117,7 +118,9 @@ class LoRAModule(nn.Module):
         self.lora_dim = lora_dim
         if isinstance(org_module, nn.Conv2d):
             conv = org_module
-            self.lora_down = nn.Conv2d(conv.in_channels, lora_dim, conv.kernel_size, conv.stride, conv.padding, bias=False)
+            self.lora_down = nn.Conv2d(
+                conv.in_channels, lora_dim, conv.kernel_size, conv.stride, conv.padding, bias=False
+            )
             self.lora_up = nn.Conv2d(lora_dim, conv.out_channels, (1, 1), bias=False)
         else:
             self.lora_down = nn.Linear(org_module.in_features, lora_dim, bias=False)
@@ -154,6 +157,7 @@ class LoRAModule(nn.Module):
         base = self.org_forward(x)
         if self.multiplier == 0:  # skip the adapter entirely so the output is bit-identical to the base
             return base
+        # torch's CPU RNG (not `random`): gradient checkpointing restores it, so a recomputed block drops the same.
         if self.training and self.module_dropout and torch.rand(()).item() < self.module_dropout:
             return base
         hidden = self.lora_down(x.to(self.lora_down.weight.dtype))  # (..., r) or (B, r, H, W)
@@ -237,7 +241,7 @@ class LoRANetwork(nn.Module):
         for lora in self.all_loras():
             self.add_module(lora.lora_name, lora)
         logger.info(
-            "LoRA network: %d U-Net modules, %d text encoder modules.", len(self.unet_loras), len(self.text_encoder_loras)
+            f"LoRA network: {len(self.unet_loras)} U-Net modules, {len(self.text_encoder_loras)} text encoder modules."
         )
         self._trainable: list[nn.Parameter] | None = None
 
@@ -260,8 +264,9 @@ class LoRANetwork(nn.Module):
             self.unet_loras = []
         for lora in self.all_loras():
             lora.apply_to()
-        logger.info("LoRA applied: text encoder %d modules, U-Net %d modules.",
-                    len(self.text_encoder_loras), len(self.unet_loras))
+        logger.info(
+            f"LoRA applied: text encoder {len(self.text_encoder_loras)} modules, U-Net {len(self.unet_loras)} modules."
+        )
 
     def _drop_loras(self, loras: Iterable[LoRAModule]) -> None:
         for lora in loras:
@@ -281,8 +286,12 @@ class LoRANetwork(nn.Module):
         self.loraplus_unet_lr_ratio = unet_ratio
         self.loraplus_text_encoder_lr_ratio = text_encoder_ratio
 
-    def load_weights(self, file: str | os.PathLike) -> torch.nn.modules.module._IncompatibleKeys:
-        """Load a saved LoRA into this network; unknown or mis-shaped keys raise CheckpointError."""
+    def load_weights(self, file: str | os.PathLike) -> tuple[list[str], list[str]]:
+        """Load a saved LoRA into this network; unknown or mis-shaped keys raise CheckpointError.
+
+        Returns torch's (missing_keys, unexpected_keys); missing keys (modules the file lacks) keep their initial,
+        no-op values and are logged as a warning.
+        """
         weights = load_state_dict_file(file)
         own = self.state_dict()
         unknown = sorted(set(weights) - set(own))
@@ -291,8 +300,11 @@ class LoRANetwork(nn.Module):
                 f"{file}: {len(unknown)} keys match no module of this network: {_first(unknown)}. "
                 "Was it trained for another model, or with the text encoder while this run trains the U-Net only?"
             )
-        wrong = [f"{key} {tuple(weights[key].shape)} != {tuple(own[key].shape)}"
-                 for key in sorted(weights) if weights[key].shape != own[key].shape]
+        wrong = [
+            f"{key} {tuple(weights[key].shape)} != {tuple(own[key].shape)}"
+            for key in sorted(weights)
+            if weights[key].shape != own[key].shape
+        ]
         if wrong:
             raise CheckpointError(
                 f"{file}: {len(wrong)} tensors have another shape than this network (file != network): "
@@ -300,8 +312,9 @@ class LoRANetwork(nn.Module):
             )
         missing = sorted(set(own) - set(weights))
         if missing:
-            logger.warning("%s has no weights for %d keys; they keep their initial values: %s",
-                           file, len(missing), _first(missing))
+            logger.warning(
+                "%s has no weights for %d keys; they keep their initial values: %s", file, len(missing), _first(missing)
+            )
         info = self.load_state_dict(weights, strict=False)
         for lora in self.all_loras():
             lora.refresh_scale()
@@ -342,9 +355,15 @@ class LoRANetwork(nn.Module):
         descriptions: list[str],
         trainable: list[nn.Parameter],
     ) -> None:
-        plain = [param for lora in loras for key, param in lora.named_parameters() if ratio is None or "lora_up" not in key]
-        plus = [param for lora in loras for param in lora.lora_up.parameters()] if ratio is not None else []
-        for params, group_lr, description in ((plain, lr, name), (plus, lr * ratio if lr else lr, f"{name} plus")):
+        """Append the groups of `loras`: one at `lr`, and with a LoRA+ ratio their `lora_up` at `lr * ratio`."""
+        if ratio is None:
+            split = [(name, lr, [param for lora in loras for param in lora.parameters()])]
+        else:
+            split = [
+                (name, lr, [lora.lora_down.weight for lora in loras]),
+                (f"{name} plus", None if lr is None else lr * ratio, [lora.lora_up.weight for lora in loras]),
+            ]
+        for description, group_lr, params in split:
             if not params:
                 continue
             if group_lr == 0:
@@ -382,8 +401,9 @@ class LoRANetwork(nn.Module):
 
     def save_weights(self, file: str | os.PathLike, dtype: torch.dtype | None, metadata: dict[str, str] | None) -> None:
         """Write the state dict atomically: .safetensors with `metadata`, any other extension with torch.save."""
-        state = {key: value.detach().to("cpu", dtype or value.dtype).contiguous()
-                 for key, value in self.state_dict().items()}
+        state = {
+            key: value.detach().to("cpu", dtype or value.dtype).contiguous() for key, value in self.state_dict().items()
+        }
         for key, value in (metadata or {}).items():
             if not isinstance(key, str) or not isinstance(value, str):
                 raise TypeError(f"safetensors metadata must map str to str, got {key!r}: {value!r}")
@@ -394,7 +414,7 @@ class LoRANetwork(nn.Module):
                 save_file(state, temp, metadata=metadata or None)
             else:
                 torch.save(state, temp)
-        logger.info("Saved LoRA weights to %s", file)
+        logger.debug("saved LoRA weights to %s", file)
 
     def is_mergeable(self) -> bool:
         return True
@@ -421,7 +441,9 @@ class LoRANetwork(nn.Module):
         logger.info("Merged %d LoRA modules into the model.", len(by_name))
 
     @torch.no_grad()
-    def apply_max_norm_regularization(self, max_norm_value: float, device: torch.device | str) -> tuple[int, float, float]:
+    def apply_max_norm_regularization(
+        self, max_norm_value: float, device: torch.device | str
+    ) -> tuple[int, float, float]:
         """Scale down adapters whose weight change `up @ down * scale` has a norm above `max_norm_value`.
 
         kohya's --scale_weight_norms: up and down are both scaled by sqrt(ratio). Returns the number of modules
@@ -463,13 +485,16 @@ def text_encoder_targets(encoder: nn.Module, prefix: str) -> list[tuple[str, nn.
     for block_name, block in encoder.named_modules():
         kind = type(block).__name__
         if kind.startswith("CLIP") and kind.endswith(("Attention", "MLP")):
-            targets += [(_lora_name(prefix, f"{root}{block_name}.{name}"), layer)
-                        for name, layer in _layers(block) if isinstance(layer, nn.Linear)]
+            targets += [
+                (_lora_name(prefix, f"{root}{block_name}.{name}"), layer)
+                for name, layer in _layers(block)
+                if isinstance(layer, nn.Linear)
+            ]
     return targets
 
 
 def text_model_prefix(encoder: nn.Module) -> str:
-    """"text_model." when a CLIP text model's module tree lacks that level (transformers >= 5.6), else ""."""
+    """The `text_model.` level to add to module paths: needed when a CLIP model lacks it (transformers >= 5.6)."""
     has_level = hasattr(encoder, "text_model")
     return "" if has_level or not type(encoder).__name__.startswith("CLIP") else "text_model."
 
@@ -488,7 +513,9 @@ def _lora_name(prefix: str, module_path: str) -> str:
     return f"{prefix}.{module_path}".replace(".", "_")
 
 
-def _create_loras(targets: list[tuple[str, nn.Module]], make: Callable[[str, nn.Module], LoRAModule | None]) -> list:
+def _create_loras(
+    targets: list[tuple[str, nn.Module]], make: Callable[[str, nn.Module], LoRAModule | None]
+) -> list[LoRAModule]:
     loras, seen = [], set()
     for name, layer in targets:
         if name in seen:  # a block class nested in another target block
@@ -560,8 +587,10 @@ def create_network(
             return (options.conv_dim, conv_alpha) if options.conv_dim else None
         return dim, alpha
 
-    logger.info("LoRA dim %d, alpha %g, conv dim %s, conv alpha %g; dropout %s, rank dropout %s, module dropout %s",
-                dim, alpha, options.conv_dim, conv_alpha, neuron_dropout, options.rank_dropout, options.module_dropout)
+    logger.info(
+        f"LoRA dim {dim}, alpha {alpha:g}, conv dim {options.conv_dim}, conv alpha {conv_alpha:g}; dropout "
+        f"{neuron_dropout}, rank dropout {options.rank_dropout}, module dropout {options.module_dropout}"
+    )
     network = LoRANetwork(
         _as_list(text_encoder),
         unet,

@@ -70,6 +70,10 @@ class ModelFamily(ABC):
     ) -> torch.Tensor:
         """Run the denoiser."""
 
+    def network_text_encoders(self, models: LoadedModels) -> list[torch.nn.Module]:
+        """The text encoders as adapter-network plugins should see them (module names define LoRA key names)."""
+        return models.text_encoders
+
     @abstractmethod
     def training_metadata(self) -> dict[str, str]:
         """`ss_*` keys describing the base model (version, v2, v-parameterization, clip skip ...)."""

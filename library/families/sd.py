@@ -182,7 +182,9 @@ class SDFamily(ModelFamily):
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        unet = _empty_model(lambda: UNet2DConditionModel(**arch.unet_config))
+        # Upcasting attention costs nothing in fp32 and keeps SD 2.x from overflowing in fp16 (as its release does).
+        unet_config = dict(arch.unet_config, upcast_attention=arch.v2)
+        unet = _empty_model(lambda: UNet2DConditionModel(**unet_config))
         _assign_weights(unet, components.unet, weight_dtype, "UNet", path)
         vae = _empty_model(lambda: AutoencoderKL(**arch.vae_config))
         _assign_weights(vae, components.vae, weight_dtype, "VAE", path)
@@ -302,6 +304,9 @@ class SDFamily(ModelFamily):
         hidden = conditioning["encoder_hidden_states"].to(unet.dtype)
         return unet(noisy_latents.to(unet.dtype), timesteps, hidden).sample
 
+    def network_text_encoders(self, models: LoadedModels) -> list[torch.nn.Module]:
+        return [with_text_model_level(encoder) for encoder in models.text_encoders]
+
     # ---- metadata ------------------------------------------------------------------------------------------
 
     def base_model_version(self) -> str:
@@ -328,6 +333,23 @@ class SDFamily(ModelFamily):
         if self.options.clip_skip:
             spec["modelspec.encoder_layer"] = str(self.options.clip_skip)
         return spec
+
+
+class TextModelLevel(torch.nn.Module):
+    """Shows a CLIP text model under a `text_model.` level, as transformers < 5.6 named its modules.
+
+    LoRA files name text-encoder layers `lora_te_text_model_encoder_layers_...`; network plugins derive the names
+    from `named_modules()`, so they get the same names whatever the installed transformers version.
+    """
+
+    def __init__(self, text_model: torch.nn.Module):
+        super().__init__()
+        self.text_model = text_model
+
+
+def with_text_model_level(encoder: torch.nn.Module) -> torch.nn.Module:
+    """`encoder` itself when its modules already sit under `text_model.`, else a `TextModelLevel` view of it."""
+    return encoder if hasattr(encoder, "text_model") else TextModelLevel(encoder)
 
 
 def frame_token_chunks(ids: list[int], chunks: int, bos: int, eos: int, pad: int) -> list[int]:

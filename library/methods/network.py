@@ -97,7 +97,8 @@ class NetworkMethod(TrainingMethod):
 
     def setup(self, family: ModelFamily, models: LoadedModels) -> list[dict]:
         args = self.args
-        text_encoders = models.text_encoders[0] if len(models.text_encoders) == 1 else models.text_encoders
+        visible = family.network_text_encoders(models)
+        text_encoders = visible[0] if len(visible) == 1 else visible
         kwargs = dict(self.network_kwargs)
         if args.network_dropout is not None:
             kwargs["neuron_dropout"] = args.network_dropout
@@ -113,6 +114,7 @@ class NetworkMethod(TrainingMethod):
         if args.gradient_checkpointing:
             network.enable_gradient_checkpointing()
         self.network = network
+        self.network_shape = network_shape(network)
         return self._param_groups(network)
 
     def _param_groups(self, network) -> list[dict]:
@@ -152,16 +154,32 @@ class NetworkMethod(TrainingMethod):
         args = self.args
         return {
             "ss_network_module": args.network_module,
-            "ss_network_dim": str(args.network_dim if args.network_dim is not None else "None"),
-            "ss_network_alpha": str(args.network_alpha if args.network_alpha is not None else "None"),
+            "ss_network_dim": str(self.network_shape[0]),
+            "ss_network_alpha": str(self.network_shape[1]),
             "ss_network_dropout": str(args.network_dropout),
             "ss_network_args": json.dumps(self.network_kwargs) if self.network_kwargs else None,
-            "ss_unet_lr": str(args.unet_lr),
-            "ss_text_encoder_lr": str(args.text_encoder_lr),
+            "ss_unet_lr": str(args.unet_lr if args.unet_lr is not None else args.learning_rate),
+            "ss_text_encoder_lr": str(args.text_encoder_lr if args.text_encoder_lr is not None else args.learning_rate),
             "ss_network_train_unet_only": str(args.network_train_unet_only),
             "ss_network_train_text_encoder_only": str(args.network_train_text_encoder_only),
             "ss_network_weights": os.path.basename(args.network_weights) if args.network_weights else None,
         }
+
+
+def network_shape(network: torch.nn.Module) -> tuple[int | None, float | None]:
+    """The most common rank and alpha in a kohya-style network's weights (works for any plugin using that format)."""
+    from collections import Counter
+
+    ranks: Counter = Counter()
+    alphas: Counter = Counter()
+    for key, value in network.state_dict().items():
+        if key.endswith(".lora_down.weight"):
+            ranks[value.shape[0]] += 1
+        elif key.endswith(".alpha"):
+            alphas[float(value)] += 1
+    rank = ranks.most_common(1)[0][0] if ranks else None
+    alpha = alphas.most_common(1)[0][0] if alphas else None
+    return rank, alpha
 
 
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, None: None}
