@@ -90,3 +90,26 @@ def test_lycoris_network_module_trains_and_saves(tiny_models_dir, toy_dataset, t
     assert any(key.startswith("lora_te_text_model_encoder_layers_0_") for key in keys)
     assert metadata["ss_network_module"] == "lycoris.kohya"
     assert metadata["ss_network_args"] == '{"preset": "attn-mlp"}'
+
+
+def test_trained_lora_loads_in_diffusers_and_matches_our_network(trained_lora, tiny_models_dir, tokenizer_dir):
+    pytest.importorskip("peft")
+    import networks.lora as lora
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(os.path.join(tiny_models_dir, "sd1-diffusers"))
+    latents, timesteps, hidden = unet_inputs(pipe.unet)
+    with torch.no_grad():
+        base = pipe.unet(latents, timesteps, hidden).sample
+        pipe.load_lora_weights(trained_lora)
+        with_lora = pipe.unet(latents, timesteps, hidden).sample
+
+        models = load_family_models(tiny_models_dir, tokenizer_dir)
+        network, _ = lora.create_network_from_weights(
+            1.0, trained_lora, models.vae, models.text_encoders[0], models.denoiser
+        )
+        network.apply_to(models.text_encoders[0], models.denoiser, True, True)
+        network.load_weights(trained_lora)
+        ours = models.denoiser(latents, timesteps, hidden).sample
+    assert not torch.allclose(base, with_lora)
+    torch.testing.assert_close(with_lora, ours, rtol=1e-4, atol=1e-5)
