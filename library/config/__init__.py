@@ -1,1 +1,1 @@
-"""config package."""
+"""Configuration: the dataset config file (`dataset_config`) and its option table (`dataset_options`)."""

@@ -131,7 +131,7 @@ def _validate_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
         try:
             result[name] = OPTIONS_BY_NAME[name].validate(value)
         except vol.Invalid as err:
-            raise ConfigError(f"Option --{name} = {_show(value)} is invalid: {err.msg}.") from None
+            raise ConfigError(f"Command-line value for {name} = {_show(value)} is invalid: {err.msg}.") from None
     return result
 
 
@@ -200,10 +200,11 @@ def _describe_unknown_key(key: str, table: list[Any]) -> str:
         allowed_in = " or ".join(_TABLE_NAMES[lvl] for lvl in ("general", "dataset", "subset") if lvl in spec.levels)
         return f"{where}: option '{key}' cannot be set in {_TABLE_NAMES[level]}; it belongs in {allowed_in}."
     candidates = _keys_at(level)
+    kind = "table" if level is None else "option"
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
     if close:
-        return f"{where}: unknown option '{key}'; did you mean '{close[0]}'?"
-    return f"{where}: unknown option '{key}'. Allowed here: {', '.join(sorted(candidates))}."
+        return f"{where}: unknown {kind} '{key}'; did you mean '{close[0]}'?"
+    return f"{where}: unknown {kind} '{key}'. Allowed here: {', '.join(sorted(candidates))}."
 
 
 def _keys_at(level: Level | None) -> list[str]:
@@ -243,7 +244,9 @@ def _build_dataset(values: dict[str, Any], dataset_data: dict[str, Any], where: 
         subset = _build_subset(values | subset_data, f"{where}.subsets[{index}]", source)
         folder = _dedup_key(subset.image_dir)
         if folder in seen_dirs:
-            logger.warning("%s: %s uses the same image_dir as %s; it is ignored.", source, subset.where, seen_dirs[folder])
+            logger.warning(
+                "%s: %s uses the same image_dir as %s; it is ignored.", source, subset.where, seen_dirs[folder]
+            )
             continue
         seen_dirs[folder] = subset.where
         subsets.append(subset)

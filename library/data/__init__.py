@@ -1,1 +1,1 @@
-"""data package."""
+"""The dataset engine: image discovery, captions, aspect-ratio buckets and batches (see `dataset_group`)."""

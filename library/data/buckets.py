@@ -43,7 +43,12 @@ def no_upscale_sizes(image_sizes: np.ndarray, resolution: tuple[int, int], max_r
     sizes = image_sizes.astype(np.float64)
     max_area = resolution[0] * resolution[1]
     scale = np.minimum.reduce(
-        [np.ones(len(sizes)), np.sqrt(max_area / (sizes[:, 0] * sizes[:, 1])), max_reso / sizes[:, 0], max_reso / sizes[:, 1]]
+        [
+            np.ones(len(sizes)),
+            np.sqrt(max_area / (sizes[:, 0] * sizes[:, 1])),
+            max_reso / sizes[:, 0],
+            max_reso / sizes[:, 1],
+        ]
     )
     scaled = sizes * scale[:, None]
     rounded = np.floor(scaled / steps + _ROUNDING_SLACK).astype(np.int64) * steps

@@ -27,9 +27,18 @@ def read_caption_file(path: str) -> str:
 
 
 def read_captions(
-    folder: str, image_names: list[str], folder_names: set[str], caption_extension: str, class_tokens: str | None
+    folder: str,
+    image_names: list[str],
+    folder_names: set[str],
+    caption_extension: str,
+    class_tokens: str | None,
+    where: str,
 ) -> list[str]:
-    """One caption per image: its caption file if present, else `class_tokens`; neither is an error."""
+    """One caption per image: its caption file if present, else `class_tokens`; neither is an error.
+
+    `folder_names` are all file names in `folder` (one listing instead of a lookup per image); `where` names the
+    subset in messages.
+    """
     captions = []
     for name in image_names:
         caption_name = os.path.splitext(name)[0] + caption_extension
@@ -39,8 +48,8 @@ def read_captions(
             captions.append(class_tokens)
         else:
             raise DatasetError(
-                f"Image {os.path.join(folder, name)} has no caption: {caption_name} does not exist and its "
-                "subset sets no class_tokens. Add the caption file or set class_tokens."
+                f"{where}: image {os.path.join(folder, name)} has no caption: {caption_name} does not exist and "
+                "the subset sets no class_tokens. Add the caption file or set class_tokens."
             )
     return captions
 

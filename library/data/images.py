@@ -9,12 +9,10 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
+from library.data.image_headers import EXIF_ORIENTATION, TRANSPOSING_ORIENTATIONS, header_size
 from library.errors import DatasetError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
-
-_EXIF_ORIENTATION = 0x0112
-_TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # rotated by 90 or 270 degrees: width and height swap
 
 
 def list_folder(folder: Path) -> list[str]:
@@ -24,17 +22,29 @@ def list_folder(folder: Path) -> list[str]:
 
 
 def select_images(names: list[str]) -> list[str]:
-    """The names with a supported image extension, in any letter case."""
-    return [name for name in names if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS]
+    """The names with a supported image extension, in any letter case; hidden files (".name") are skipped.
+
+    Skipping hidden files keeps macOS "._name.jpg" resource forks out, as shell globs do.
+    """
+    return [n for n in names if not n.startswith(".") and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
 
 
 def read_image_size(path: str) -> tuple[int, int]:
     """(width, height) as displayed, i.e. after EXIF orientation; reads the header only."""
     try:
+        with open(path, "rb") as file:
+            size = header_size(file, os.path.splitext(path)[1].lower())
+    except OSError as err:
+        raise DatasetError(f"Cannot read image {path}: {err}.") from None
+    return size if size is not None else _pil_image_size(path)
+
+
+def _pil_image_size(path: str) -> tuple[int, int]:
+    try:
         with Image.open(path) as image:
             width, height = image.size
             # Only consult EXIF when the header already carried it: PNG's getexif() would decode the whole file.
-            if "exif" in image.info and image.getexif().get(_EXIF_ORIENTATION, 1) in _TRANSPOSING_ORIENTATIONS:
+            if "exif" in image.info and image.getexif().get(EXIF_ORIENTATION, 1) in TRANSPOSING_ORIENTATIONS:
                 width, height = height, width
     except (OSError, ValueError, SyntaxError) as err:
         raise DatasetError(f"Cannot read image {path}: {err}. Remove it or replace it with a valid image.") from None
