@@ -45,8 +45,8 @@ class TrainingMethod(ABC):
     def on_epoch_start(self, models: LoadedModels) -> None:
         """Hook at the start of every epoch."""
 
-    def on_step_start(self, models: LoadedModels) -> None:
-        """Hook before every step."""
+    def on_step_start(self, models: LoadedModels, global_step: int) -> None:
+        """Hook before every step (`global_step` counts the steps already taken)."""
 
     @abstractmethod
     def output_extension(self) -> str:

@@ -136,7 +136,7 @@ class NetworkMethod(TrainingMethod):
     def on_epoch_start(self, models: LoadedModels) -> None:
         self.network.on_epoch_start(models.text_encoders, models.denoiser)
 
-    def on_step_start(self, models: LoadedModels) -> None:
+    def on_step_start(self, models: LoadedModels, global_step: int) -> None:
         if hasattr(self.network, "on_step_start"):
             self.network.on_step_start(models.text_encoders, models.denoiser)
 

@@ -151,7 +151,9 @@ def _train_epochs(run: Run) -> None:
     progress = tqdm(total=run.schedule.total_steps, desc="steps", disable=not accelerator.is_local_main_process)
     for epoch in range(run.schedule.num_epochs):
         run.state.epoch = epoch + 1
-        run.dataset.set_epoch(epoch)
+        # accelerate's prepared loader re-applies its own epoch counter to the dataset on every iteration,
+        # so the epoch is set through it (what matters for resuming mid-run).
+        run.dataloader.set_epoch(epoch)
         run.method.on_epoch_start(run.models)
         for batch in run.dataloader:
             loss = _train_step(run, batch)
@@ -167,7 +169,7 @@ def _train_epochs(run: Run) -> None:
 
 def _train_step(run: Run, batch: dict) -> torch.Tensor:
     family, models, accelerator = run.family, run.models, run.accelerator
-    run.method.on_step_start(models)
+    run.method.on_step_start(models, run.state.global_step)
     with accelerator.autocast():
         with torch.no_grad():
             latents = family.encode_images(models, batch["images"])
