@@ -54,7 +54,11 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def encode_images(self, models: LoadedModels, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f)."""
+        """Images (B, 3, H, W) in [-1, 1] -> raw VAE latents (B, C, H/f, W/f), as latent caches store them."""
+
+    @abstractmethod
+    def scale_latents(self, models: LoadedModels, latents: torch.Tensor) -> torch.Tensor:
+        """Raw VAE latents (fresh or cached) -> the denoiser's latent space (scale and shift applied)."""
 
     @abstractmethod
     def encode_text(self, models: LoadedModels, captions: list[str]) -> dict[str, torch.Tensor]:

@@ -253,8 +253,10 @@ class SDFamily(ModelFamily):
 
     def encode_images(self, models: LoadedModels, images: torch.Tensor) -> torch.Tensor:
         vae = models.vae
-        latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.sample()
-        return latents * vae.config.scaling_factor
+        return vae.encode(images.to(vae.device, vae.dtype)).latent_dist.sample()
+
+    def scale_latents(self, models: LoadedModels, latents: torch.Tensor) -> torch.Tensor:
+        return latents * models.vae.config.scaling_factor
 
     def tokenize(self, tokenizer, captions: list[str]) -> torch.Tensor:
         """Token ids (B, chunks * 77): each 75-token chunk of the caption as its own BOS ... EOS sequence."""

@@ -172,7 +172,9 @@ def _train_step(run: Run, batch: dict) -> torch.Tensor:
     run.method.on_step_start(models, run.state.global_step)
     with accelerator.autocast():
         with torch.no_grad():
-            latents = family.encode_images(models, batch["images"])
+            # Latents precomputed by a cache or by finetune/prepare_buckets_latents.py arrive in the batch.
+            raw = batch["latents"] if batch.get("latents") is not None else family.encode_images(models, batch["images"])
+            latents = family.scale_latents(models, raw.to(accelerator.device))
         with torch.set_grad_enabled(run.method.trains_text_encoder):
             conditioning = family.encode_text(models, batch["captions"])
         inputs = family.training_inputs(latents, run.generator)
