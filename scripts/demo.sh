@@ -9,7 +9,7 @@ out=demo_output
 python -m library.testing.tiny_models --out "$out/model" --variant sd1 > /dev/null
 python -m library.testing.toy_data --out "$out/data" --count 12 > /dev/null
 set -x
-accelerate launch --num_processes 1 --mixed_precision no train_network.py \
+accelerate launch train_network.py \
   --pretrained_model_name_or_path "$out/model/sd1.safetensors" \
   --dataset_config "$out/data/dataset.toml" \
   --output_dir "$out/lora" --output_name demo_lora \

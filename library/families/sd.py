@@ -18,10 +18,11 @@ from library.families.base import LoadedModels, ModelFamily, TrainingInputs
 logger = logging.getLogger(__name__)
 
 TOKENS_PER_CHUNK = 75  # CLIP sees 77 positions: BOS + 75 tokens + EOS
-OTHER_SCRIPTS = {
-    "sdxl": "sdxl_train_network.py / sdxl_train.py",
-    "sd3": "sd3_train_network.py / sd3_train.py",
-    "flux": "flux_train_network.py / flux_train.py",
+OTHER_SCRIPTS = {  # family of a refused checkpoint -> (name, scripts that train it)
+    "sdxl": ("SDXL", "sdxl_train_network.py / sdxl_train.py"),
+    "sd3": ("SD3", "sd3_train_network.py / sd3_train.py"),
+    "flux": ("FLUX.1", "flux_train_network.py / flux_train.py"),
+    "lumina": ("Lumina Image 2.0", "lumina_train_network.py / lumina_train.py"),
 }
 
 
@@ -196,10 +197,8 @@ class SDFamily(ModelFamily):
 
     def _check_model_type(self, path: str, model_type: str) -> None:
         if model_type in OTHER_SCRIPTS:
-            raise CheckpointError(
-                f"{path} is a {model_type.upper()} checkpoint, which this script does not train; use "
-                f"{OTHER_SCRIPTS[model_type]}"
-            )
+            name, scripts = OTHER_SCRIPTS[model_type]
+            raise CheckpointError(f"{path} is a {name} checkpoint, which this script does not train; use {scripts}")
         if model_type not in ("sd1", "sd2"):
             raise CheckpointError(f"{path} does not look like a Stable Diffusion 1.x/2.x checkpoint")
         file_is_v2 = model_type == "sd2"
