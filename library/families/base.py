@@ -78,6 +78,42 @@ class ModelFamily(ABC):
         """The text encoders as adapter-network plugins should see them (module names define LoRA key names)."""
         return models.text_encoders
 
+    def network_denoiser(self, models: LoadedModels) -> torch.nn.Module:
+        """The denoiser as adapter-network plugins should see it (module names define LoRA key names)."""
+        return models.denoiser
+
+    @classmethod
+    def add_method_arguments(cls, method: str, parser: argparse.ArgumentParser) -> None:
+        """Options that exist only for this family with this method (e.g. one learning rate per text encoder)."""
+
+    def text_encoder_learning_rates(self, default: float | None) -> list[float | None]:
+        """One learning rate per text encoder (`default` unless a family option sets one; None: the base rate)."""
+        return [default]
+
+    def denoiser_param_groups(self, denoiser: torch.nn.Module, learning_rate: float) -> list[dict]:
+        """Optimizer groups for training the whole denoiser (a family may split it, e.g. by block)."""
+        return [{"params": list(denoiser.parameters()), "lr": learning_rate}]
+
+    def encode_conditioning(self, models: LoadedModels, captions: list[str], batch: dict) -> dict[str, torch.Tensor]:
+        """The conditioning `predict` takes for a batch: the encoded captions, plus what the family reads from the
+        batch itself (e.g. image sizes and crops)."""
+        return self.encode_text(models, captions)
+
+    def validate_run(self, dataset, trains_text_encoder: bool) -> None:
+        """Check the family's options against the dataset and the method, before any model loads."""
+
+    def before_training(self, models: LoadedModels, dataset) -> None:
+        """Work after the models are loaded and placed, before the first step (e.g. caching text-encoder outputs)."""
+
+    def save_model(
+        self, models: LoadedModels, path: str, save_as: str, dtype: torch.dtype | None, metadata: dict[str, str]
+    ) -> None:
+        """Write the full models to `path` atomically in format `save_as` (a file, or a folder for diffusers).
+
+        `dtype` None keeps each tensor's precision; `metadata` goes into files that can hold it.
+        """
+        raise NotImplementedError(f"the {self.id} family cannot save full models")
+
     @abstractmethod
     def training_metadata(self) -> dict[str, str]:
         """`ss_*` keys describing the base model (version, v2, v-parameterization, clip skip ...)."""

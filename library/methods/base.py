@@ -48,6 +48,10 @@ class TrainingMethod(ABC):
     def on_step_start(self, models: LoadedModels, global_step: int) -> None:
         """Hook before every step (`global_step` counts the steps already taken)."""
 
+    def prepare_captions(self, captions: list[str]) -> list[str]:
+        """The captions the text encoders see for a batch (e.g. with a learned token's placeholders spelt out)."""
+        return captions
+
     @abstractmethod
     def output_extension(self) -> str:
         """File extension of the saved result, with the dot."""

@@ -8,6 +8,7 @@ import os
 import sys
 
 from library.errors import UserError
+from library.training.interrupts import TrainingInterrupted
 
 logger = logging.getLogger("library")
 
@@ -18,13 +19,19 @@ def build_parser(family_class, method_class, description: str) -> argparse.Argum
     from library.data.dataset import add_dataset_arguments
     from library.training.loop_options import add_loop_arguments
     from library.training.optimizers import add_optimizer_arguments
+    from library.training.saving import add_saving_arguments
+    from library.training.tracking import add_tracking_arguments
 
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
     family_class.add_arguments(parser.add_argument_group(f"model ({family_class.id})"))
-    method_class.add_arguments(parser.add_argument_group(f"method ({method_class.name})"))
+    method_group = parser.add_argument_group(f"method ({method_class.name})")
+    method_class.add_arguments(method_group)
+    family_class.add_method_arguments(method_class.name, method_group)
     add_dataset_arguments(parser.add_argument_group("dataset"))
     add_loop_arguments(parser.add_argument_group("training"))
     add_optimizer_arguments(parser.add_argument_group("optimizer"))
+    add_saving_arguments(parser.add_argument_group("saving and resuming"))
+    add_tracking_arguments(parser.add_argument_group("logging"))
     add_checkpoint_arguments(parser.add_argument_group("checkpoint files"))
     return parser
 
@@ -54,6 +61,10 @@ def run_training(family_id: str, method_id: str, description: str, argv: list[st
     except UserError as err:
         logger.error("%s", err)
         sys.exit(1)
+    except TrainingInterrupted as stop:
+        where = f"; continue with --resume {stop.state_folder}" if stop.state_folder else ""
+        logger.warning("training stopped at step %d%s", stop.step, where)
+        sys.exit(130)
     except KeyboardInterrupt:
         logger.error("interrupted")
         sys.exit(130)

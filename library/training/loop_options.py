@@ -26,14 +26,6 @@ def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
         "--mixed_precision", type=str, default="no", choices=PRECISIONS, help="compute precision of the frozen parts"
     )
     parser.add_argument(
-        "--save_precision",
-        type=str,
-        default=None,
-        choices=["float", "fp16", "bf16"],
-        help="precision of saved weights (default: as trained)",
-    )
-    parser.add_argument("--save_every_n_epochs", type=int, default=None, help="also save after every N epochs")
-    parser.add_argument(
         "--gradient_checkpointing", action="store_true", help="recompute activations in backward to save memory"
     )
     parser.add_argument(
@@ -61,7 +53,6 @@ class LoopOptions:
     max_train_epochs: int | None
     seed: int | None
     mixed_precision: str
-    save_every_n_epochs: int | None
     gradient_checkpointing: bool
     cpu_threads: int | None
 
@@ -74,7 +65,6 @@ class LoopOptions:
             max_train_epochs=args.max_train_epochs,
             seed=args.seed,
             mixed_precision=args.mixed_precision,
-            save_every_n_epochs=args.save_every_n_epochs,
             gradient_checkpointing=args.gradient_checkpointing,
             cpu_threads=args.cpu_threads,
         )
@@ -82,7 +72,7 @@ class LoopOptions:
         return options
 
     def validate(self) -> None:
-        for name in ("max_train_steps", "max_train_epochs", "save_every_n_epochs", "cpu_threads"):
+        for name in ("max_train_steps", "max_train_epochs", "cpu_threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name} must be 1 or more, got {value}")

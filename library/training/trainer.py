@@ -16,8 +16,12 @@ import torch.nn.functional as F
 from library.families.base import LoadedModels, ModelFamily
 from library.methods.base import TrainingMethod
 from library.training import metadata as md
+from library.training.interrupts import StopRequest, TrainingInterrupted
 from library.training.loop_options import LoopOptions
 from library.training.optimizers import OptimizerOptions, build_lr_scheduler, build_optimizer
+from library.training.saving import SaveOptions, remove_path, step_saves
+from library.training.state import Position, load_state, read_position, save_state
+from library.training.tracking import TrackingOptions, start_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +40,24 @@ class Schedule:
 
 @dataclass
 class RunState:
-    """What moves during training."""
+    """What moves during training. `epoch` is the 0-based epoch in progress, `step_in_epoch` its finished batches."""
 
     global_step: int = 0
     epoch: int = 0
+    step_in_epoch: int = 0
     loss_sum: torch.Tensor | None = None
     loss_count: int = 0
     epoch_losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Options:
+    """The typed options of the loop's parts."""
+
+    loop: LoopOptions
+    saving: SaveOptions
+    tracking: TrackingOptions
+    optimizer: OptimizerOptions
 
 
 @dataclass
@@ -51,8 +66,7 @@ class Run:
 
     family: ModelFamily
     method: TrainingMethod
-    loop: LoopOptions
-    optimizer_options: OptimizerOptions
+    options: Options
     accelerator: object
     models: LoadedModels
     dataset: object
@@ -62,55 +76,94 @@ class Run:
     schedule: Schedule
     base_metadata: dict[str, str]
     generator: torch.Generator
+    stop: StopRequest
     state: RunState = field(default_factory=RunState)
+
+    @property
+    def finished(self) -> bool:
+        return self.state.global_step >= self.schedule.total_steps
+
+
+def parse_options(args: argparse.Namespace) -> Options:
+    """All loop options, validated (no model loaded yet)."""
+    return Options(
+        LoopOptions.from_args(args),
+        SaveOptions.from_args(args),
+        TrackingOptions.from_args(args),
+        OptimizerOptions.from_args(args),
+    )
 
 
 def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace) -> str:
     """Validate everything, load, train, save. Returns the path of the final file."""
     from library.data.dataset import build_dataset_group
 
-    loop = LoopOptions.from_args(args)
-    optimizer_options = OptimizerOptions.from_args(args)
+    options = parse_options(args)
     family.validate()
     method.validate()
-    if loop.seed is None:
-        loop.seed = random.randint(0, 2**31 - 1)
-        logger.info("seed %d (chosen at random; pass --seed to repeat this run)", loop.seed)
-    dataset = build_dataset_group(args, seed=loop.seed, prior_loss_weight=args.prior_loss_weight)
+    resume_position = read_position(options.saving.resume) if options.saving.resume else None
+    _choose_seed(options.loop, resume_position)
+    dataset = build_dataset_group(args, seed=options.loop.seed, prior_loss_weight=args.prior_loss_weight)
     if getattr(args, "debug_dataset", False):
         return ""
+    family.validate_run(dataset, method.trains_text_encoder)
 
-    accelerator = _make_accelerator(loop)
-    _configure_threads(loop, accelerator)
+    accelerator = _make_accelerator(options)
+    _configure_threads(options.loop, accelerator)
     from accelerate.utils import set_seed
 
-    set_seed(loop.seed)
+    set_seed(options.loop.seed)
     started = md.new_session()
     load_start = time.perf_counter()
-    models = family.load(WEIGHT_DTYPES[loop.mixed_precision])
+    models = family.load(WEIGHT_DTYPES[options.loop.mixed_precision])
     logger.info("models loaded in %.1f s", time.perf_counter() - load_start)
-    _place_models(models, accelerator.device, loop, method)
+    _place_models(models, accelerator.device, options.loop, method)
     param_groups = method.setup(family, models)
+    family.before_training(models, dataset)
 
     dataloader = dataset.make_dataloader(args.max_data_loader_n_workers, args.persistent_data_loader_workers)
-    schedule = _make_schedule(loop, len(dataloader))
-    optimizer = build_optimizer(optimizer_options, param_groups)
-    lr_scheduler = build_lr_scheduler(optimizer_options, optimizer, schedule.total_steps)
+    schedule = _make_schedule(options.loop, len(dataloader))
+    optimizer = build_optimizer(options.optimizer, param_groups)
+    lr_scheduler = build_lr_scheduler(options.optimizer, optimizer, schedule.total_steps)
     prepared = accelerator.prepare(*method.trainable_modules(), optimizer, dataloader, lr_scheduler)
     optimizer, dataloader, lr_scheduler = prepared[-3:]
 
-    generator = torch.Generator(device=accelerator.device).manual_seed(loop.seed)
-    base_metadata = _base_metadata(family, method, loop, optimizer_options, dataset, schedule, started, args)
-    run = Run(family, method, loop, optimizer_options, accelerator, models, dataset, dataloader, optimizer, lr_scheduler, schedule,
-              base_metadata, generator)
-    _train_epochs(run)
-    return _save(run, final=True)
+    generator = torch.Generator(device=accelerator.device).manual_seed(options.loop.seed)
+    base_metadata = _base_metadata(family, method, options, dataset, schedule, started, args)
+    run = Run(family, method, options, accelerator, models, dataset, dataloader, optimizer, lr_scheduler, schedule,
+              base_metadata, generator, StopRequest())
+    if options.saving.resume:
+        _resume(run, options.saving.resume)
+    start_trackers(accelerator, options.tracking, _script_name(), _tracker_config(args))
+    with run.stop.installed():
+        _train_epochs(run)
+    path = _save_result(run, options.loop.output_name)
+    if options.saving.save_state or options.saving.save_state_on_train_end:
+        _save_state(run, f"{options.loop.output_name}-state")
+    accelerator.end_training()
+    return path
 
 
-def _make_accelerator(loop: LoopOptions):
+def _choose_seed(loop: LoopOptions, resume_position: Position | None) -> None:
+    if resume_position is not None:
+        if loop.seed is not None and loop.seed != resume_position.seed:
+            logger.warning("--seed %d differs from the resumed run's seed %d; using %d so the data order continues",
+                           loop.seed, resume_position.seed, resume_position.seed)
+        loop.seed = resume_position.seed
+    elif loop.seed is None:
+        loop.seed = random.randint(0, 2**31 - 1)
+        logger.info("seed %d (chosen at random; pass --seed to repeat this run)", loop.seed)
+
+
+def _make_accelerator(options: Options):
     from accelerate import Accelerator
 
-    return Accelerator(mixed_precision=loop.mixed_precision)
+    tracking = options.tracking
+    return Accelerator(
+        mixed_precision=options.loop.mixed_precision,
+        log_with=tracking.trackers or None,
+        project_dir=tracking.run_dir(),
+    )
 
 
 def _configure_threads(loop: LoopOptions, accelerator) -> None:
@@ -144,26 +197,41 @@ def _make_schedule(loop: LoopOptions, steps_per_epoch: int) -> Schedule:
     return Schedule(steps_per_epoch, num_epochs, total_steps)
 
 
+def _resume(run: Run, folder: str) -> None:
+    position = load_state(run.accelerator, folder, run.generator)
+    if position.steps_per_epoch != run.schedule.steps_per_epoch:
+        logger.warning("the dataset now gives %d steps per epoch, the resumed run had %d: the data order differs",
+                       run.schedule.steps_per_epoch, position.steps_per_epoch)
+    run.state.global_step = position.global_step
+    run.state.epoch = position.epoch
+    run.state.step_in_epoch = position.step_in_epoch
+
+
 def _train_epochs(run: Run) -> None:
     from tqdm.auto import tqdm
 
-    accelerator = run.accelerator
-    progress = tqdm(total=run.schedule.total_steps, desc="steps", disable=not accelerator.is_local_main_process)
-    for epoch in range(run.schedule.num_epochs):
-        run.state.epoch = epoch + 1
-        # accelerate's prepared loader re-applies its own epoch counter to the dataset on every iteration,
-        # so the epoch is set through it (what matters for resuming mid-run).
-        run.dataloader.set_epoch(epoch)
+    accelerator, state = run.accelerator, run.state
+    progress = tqdm(total=run.schedule.total_steps, initial=state.global_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    while state.epoch < run.schedule.num_epochs and not run.finished:
+        loader = run.dataloader
+        if state.step_in_epoch:
+            loader = accelerator.skip_first_batches(run.dataloader, state.step_in_epoch)
+        # accelerate's loaders apply their own epoch counter to the dataset on every iteration, so the epoch
+        # (which fixes the data order) is set through the loader.
+        loader.set_epoch(state.epoch)
         run.method.on_epoch_start(run.models)
-        for batch in run.dataloader:
+        for batch in loader:
             loss = _train_step(run, batch)
-            run.state.global_step += 1
+            state.global_step += 1
+            state.step_in_epoch += 1
             _track_loss(run, loss, progress)
-            if run.state.global_step >= run.schedule.total_steps:
+            _after_step(run)
+            if run.finished:
                 break
-        _end_epoch(run, progress)
-        if run.state.global_step >= run.schedule.total_steps:
-            break
+        if state.step_in_epoch >= run.schedule.steps_per_epoch:
+            _end_epoch(run)
+    _log_epoch_loss(run)  # the last epoch when the step limit ended it early
     progress.close()
 
 
@@ -176,7 +244,7 @@ def _train_step(run: Run, batch: dict) -> torch.Tensor:
             raw = batch["latents"] if batch.get("latents") is not None else family.encode_images(models, batch["images"])
             latents = family.scale_latents(models, raw.to(accelerator.device))
         with torch.set_grad_enabled(run.method.trains_text_encoder):
-            conditioning = family.encode_text(models, batch["captions"])
+            conditioning = family.encode_conditioning(models, run.method.prepare_captions(batch["captions"]), batch)
         inputs = family.training_inputs(latents, run.generator)
         prediction = family.predict(models, inputs.noisy_latents, inputs.timesteps, conditioning)
     per_sample = F.mse_loss(prediction.float(), inputs.target.float(), reduction="none")
@@ -184,8 +252,8 @@ def _train_step(run: Run, batch: dict) -> torch.Tensor:
     weights = inputs.weights * batch["loss_weights"].to(per_sample.device)
     loss = (per_sample * weights).mean()
     accelerator.backward(loss)
-    if run.optimizer_options.max_grad_norm > 0:
-        accelerator.clip_grad_norm_(_trainable_parameters(run), run.optimizer_options.max_grad_norm)
+    if run.options.optimizer.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(_trainable_parameters(run), run.options.optimizer.max_grad_norm)
     run.optimizer.step()
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -201,30 +269,84 @@ def _track_loss(run: Run, loss: torch.Tensor, progress) -> None:
     state.loss_sum = loss if state.loss_sum is None else state.loss_sum + loss
     state.loss_count += 1
     progress.update(1)
-    if state.global_step % PROGRESS_INTERVAL == 0 or state.global_step == run.schedule.total_steps:
-        progress.set_postfix(loss=f"{loss.item():.4f}", avg=f"{(state.loss_sum / state.loss_count).item():.4f}")
+    if state.global_step % PROGRESS_INTERVAL == 0 or run.finished:
+        current, average = loss.item(), (state.loss_sum / state.loss_count).item()
+        progress.set_postfix(loss=f"{current:.4f}", avg=f"{average:.4f}")
+        if run.options.tracking.trackers:
+            logs = {"loss/current": current, "loss/average": average}
+            logs.update({f"lr/{name}": lr for name, lr in _learning_rates(run).items()})
+            run.accelerator.log(logs, step=state.global_step)
 
 
-def _end_epoch(run: Run, progress) -> None:
+def _learning_rates(run: Run) -> dict[str, float]:
+    rates = {}
+    for index, group in enumerate(run.optimizer.param_groups):
+        rates[str(group.get("name", index))] = float(group["lr"])
+    return rates
+
+
+def _after_step(run: Run) -> None:
+    """Step saves (result, state, old ones removed) and a requested stop."""
+    saving, state = run.options.saving, run.state
+    if saving.is_step_save(state.global_step) and not run.finished:
+        _save_result(run, saving.step_name(state.global_step))
+        if saving.save_state:
+            _save_state(run, saving.step_name(state.global_step) + "-state")
+        _remove_old_step_saves(run)
+    if run.stop.requested:
+        name = saving.step_name(state.global_step)
+        _save_result(run, name)
+        if saving.save_state:
+            _save_state(run, name + "-state")
+        raise TrainingInterrupted(state.global_step, os.path.join(saving.output_dir, name + "-state")
+                                  if saving.save_state else None)
+
+
+def _remove_old_step_saves(run: Run) -> None:
+    saving = run.options.saving
+    limit = saving.stale_steps(run.state.global_step)
+    if not limit or not run.accelerator.is_main_process:
+        return
+    for step, path in step_saves(saving.output_dir, saving.output_name):
+        if step <= limit:
+            remove_path(path)
+
+
+def _log_epoch_loss(run: Run) -> None:
+    """Log the average loss of the epoch so far (a whole epoch, or the part a run ended in) and reset it."""
     state = run.state
-    average = (state.loss_sum / max(state.loss_count, 1)).item() if state.loss_sum is not None else float("nan")
+    if state.loss_sum is None:
+        return
+    average = (state.loss_sum / state.loss_count).item()
     state.epoch_losses.append(average)
     state.loss_sum, state.loss_count = None, 0
     if not math.isfinite(average):
-        logger.warning("epoch %d: the loss is not finite (%s)", state.epoch, average)
-    logger.info("epoch %d/%d: average loss %.6f (step %d)", state.epoch, run.schedule.num_epochs, average,
+        logger.warning("epoch %d: the loss is not finite (%s)", state.epoch + 1, average)
+    logger.info("epoch %d/%d: average loss %.6f (step %d)", state.epoch + 1, run.schedule.num_epochs, average,
                 state.global_step)
-    every = run.loop.save_every_n_epochs
-    last_epoch = state.epoch >= run.schedule.num_epochs or state.global_step >= run.schedule.total_steps
-    if every and state.epoch % every == 0 and not last_epoch:
-        _save(run, final=False)
+    if run.options.tracking.trackers:
+        run.accelerator.log({"loss/epoch": average}, step=state.global_step)
 
 
-def _save(run: Run, final: bool) -> str:
-    accelerator = run.accelerator
-    state = run.state
-    name = run.loop.output_name if final else f"{run.loop.output_name}-{state.epoch:06d}"
-    path = os.path.join(run.loop.output_dir, name + run.method.output_extension())
+def _end_epoch(run: Run) -> None:
+    state, saving = run.state, run.options.saving
+    _log_epoch_loss(run)
+    state.epoch += 1
+    state.step_in_epoch = 0
+    last = state.epoch >= run.schedule.num_epochs or run.finished
+    if saving.is_epoch_save(state.epoch) and not last:
+        _save_result(run, saving.epoch_name(state.epoch))
+        if saving.save_state:
+            _save_state(run, saving.epoch_name(state.epoch) + "-state")
+        stale = saving.stale_epoch(state.epoch)
+        if stale is not None and run.accelerator.is_main_process:
+            remove_path(os.path.join(saving.output_dir, saving.epoch_name(stale) + run.method.output_extension()))
+            remove_path(os.path.join(saving.output_dir, saving.epoch_name(stale) + "-state"))
+
+
+def _save_result(run: Run, name: str) -> str:
+    accelerator, state = run.accelerator, run.state
+    path = os.path.join(run.options.saving.output_dir, name + run.method.output_extension())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         metadata = dict(run.base_metadata)
@@ -233,7 +355,6 @@ def _save(run: Run, final: bool) -> str:
                 "ss_epoch": str(state.epoch),
                 "ss_steps": str(state.global_step),
                 "ss_training_finished_at": str(time.time()),
-                "modelspec.title": f"{run.loop.output_name} epoch {state.epoch}",
             }
         )
         run.method.save(path, metadata, accelerator.unwrap_model)
@@ -241,17 +362,36 @@ def _save(run: Run, final: bool) -> str:
     return path
 
 
-def _base_metadata(family, method, loop, optimizer_options, dataset, schedule, started, args) -> dict[str, str]:
+def _save_state(run: Run, name: str) -> None:
+    state = run.state
+    position = Position(state.global_step, state.epoch, state.step_in_epoch, run.options.loop.seed,
+                        run.schedule.steps_per_epoch)
+    save_state(run.accelerator, os.path.join(run.options.saving.output_dir, name), position, run.generator)
+
+
+def _script_name() -> str:
+    import sys
+
+    return os.path.splitext(os.path.basename(sys.argv[0]))[0] or "train"
+
+
+def _tracker_config(args: argparse.Namespace) -> dict:
+    """The options as logged to trackers, without secrets."""
+    return {key: value for key, value in vars(args).items() if key not in md.SECRET_OPTIONS and value is not None}
+
+
+def _base_metadata(family, method, options: Options, dataset, schedule, started, args) -> dict[str, str]:
     summary = dataset.summary()
     resolution = summary["datasets"][0]["resolution"] if summary.get("datasets") else (512, 512)
+    loop, optimizer = options.loop, options.optimizer
     values = {
         **started,
         "ss_output_name": loop.output_name,
-        "ss_learning_rate": optimizer_options.learning_rate,
-        "ss_optimizer": f"{optimizer_options.optimizer_type}({optimizer_options.optimizer_args})",
-        "ss_lr_scheduler": optimizer_options.lr_scheduler,
-        "ss_lr_warmup_steps": optimizer_options.lr_warmup_steps,
-        "ss_max_grad_norm": optimizer_options.max_grad_norm,
+        "ss_learning_rate": optimizer.learning_rate,
+        "ss_optimizer": f"{optimizer.optimizer_type}({optimizer.optimizer_args})",
+        "ss_lr_scheduler": optimizer.lr_scheduler,
+        "ss_lr_warmup_steps": optimizer.lr_warmup_steps,
+        "ss_max_grad_norm": optimizer.max_grad_norm,
         "ss_max_train_steps": schedule.total_steps,
         "ss_num_epochs": schedule.num_epochs,
         "ss_num_batches_per_epoch": schedule.steps_per_epoch,

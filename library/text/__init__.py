@@ -1,0 +1,1 @@
+"""Caption text handling shared by the model families (weighted captions)."""
