@@ -33,26 +33,47 @@ _CONTAINERS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class SubsetConfig:
-    """One image folder and how its images and captions are used. Field names are the option names."""
+    """One image folder or metadata file and how its images and captions are used. Field names are the options."""
 
     image_dir: Path | None
+    metadata_file: Path | None  # set: a fine-tuning subset; None: a DreamBooth subset
     class_tokens: str | None
     is_reg: bool
+    conditioning_data_dir: Path | None
     caption_extension: str
+    cache_info: bool
     num_repeats: int
     shuffle_caption: bool
     keep_tokens: int
-    flip_aug: bool
+    keep_tokens_separator: str
+    secondary_separator: str
+    caption_separator: str
     caption_prefix: str | None
     caption_suffix: str | None
+    enable_wildcard: bool
+    caption_dropout_rate: float
+    caption_dropout_every_n_epochs: int
+    caption_tag_dropout_rate: float
+    flip_aug: bool
+    color_aug: bool
+    random_crop: bool
+    face_crop_aug_range: tuple[float, float] | None
+    resize_interpolation: str | None
+    alpha_mask: bool
+    skip_corrupt_images: bool
     where: str  # table path for messages, e.g. "datasets[0].subsets[1]"
+
+    @property
+    def is_finetune(self) -> bool:
+        """Fine-tuning subsets take captions (and optionally latents) from a metadata file."""
+        return self.metadata_file is not None
 
 
 @dataclass(frozen=True)
 class DatasetConfig:
     """Options shared by the subsets of one [[datasets]] table."""
 
-    resolution: tuple[int, int]  # (width, height)
+    resolution: tuple[int, int] | None  # (width, height); None only for fine-tuning datasets with prepared latents
     batch_size: int
     enable_bucket: bool
     min_bucket_reso: int
@@ -128,10 +149,11 @@ def _validate_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
     for name, value in overrides.items():
         if value is None:
             continue
+        spec = OPTIONS_BY_NAME[name]
         try:
-            result[name] = OPTIONS_BY_NAME[name].validate(value)
+            result[name] = spec.validate(value)
         except vol.Invalid as err:
-            raise ConfigError(f"Command-line value for {name} = {_show(value)} is invalid: {err.msg}.") from None
+            raise ConfigError(f"{spec.cli or name} {_show(value)} is invalid: {err.msg}.") from None
     return result
 
 
@@ -238,17 +260,18 @@ def _build_dataset(values: dict[str, Any], dataset_data: dict[str, Any], where: 
     subsets_data = dataset_data.get("subsets", [])
     if not subsets_data:
         raise ConfigError(f"{source}: {where} has no [[datasets.subsets]]; add one with image_dir = '...'.")
-    subsets = []
-    seen_dirs: dict[Path, str] = {}
+    subsets: list[SubsetConfig] = []
+    seen: dict[Path, str] = {}
     for index, subset_data in enumerate(subsets_data):
-        subset = _build_subset(values | subset_data, f"{where}.subsets[{index}]", source)
-        folder = _dedup_key(subset.image_dir)
-        if folder in seen_dirs:
-            logger.warning(
-                "%s: %s uses the same image_dir as %s; it is ignored.", source, subset.where, seen_dirs[folder]
-            )
+        subset = _build_subset(values | subset_data, subset_data, f"{where}.subsets[{index}]", source)
+        if subsets and subset.is_finetune != subsets[0].is_finetune:
+            raise _mixed_kinds_error(subsets[0], subset, where, source)
+        key = _dedup_key(subset)
+        if key in seen:
+            option = "metadata_file" if subset.is_finetune else "image_dir"
+            logger.warning("%s: %s uses the same %s as %s; it is ignored.", source, subset.where, option, seen[key])
             continue
-        seen_dirs[folder] = subset.where
+        seen[key] = subset.where
         subsets.append(subset)
     dataset = DatasetConfig(
         **{spec.name: values[spec.name] for spec in options_of("dataset")}, subsets=tuple(subsets), where=where
@@ -257,28 +280,83 @@ def _build_dataset(values: dict[str, Any], dataset_data: dict[str, Any], where: 
     return dataset
 
 
-def _build_subset(values: dict[str, Any], where: str, source: str) -> SubsetConfig:
-    if values["image_dir"] is None:
-        raise ConfigError(f"{source}: {where} has no image_dir; set it to the folder holding the images.")
-    image_dir = Path(os.path.expanduser(values["image_dir"]))
-    if not image_dir.is_dir():
-        raise ConfigError(f"{source}: {where}.image_dir = {_show(str(image_dir))} is not an existing folder.")
-    chosen = {spec.name: values[spec.name] for spec in options_of("subset")}
-    return SubsetConfig(**(chosen | {"image_dir": image_dir}), where=where)
+def _mixed_kinds_error(first: SubsetConfig, other: SubsetConfig, where: str, source: str) -> ConfigError:
+    finetune, dreambooth = (first, other) if first.is_finetune else (other, first)
+    return ConfigError(
+        f"{source}: {where} mixes a fine-tuning subset ({finetune.where} has metadata_file) with a DreamBooth "
+        f"subset ({dreambooth.where} has none). A dataset uses one method: put them in separate [[datasets]]."
+    )
 
 
-def _dedup_key(folder: Path | None) -> Path | None:
-    return folder.resolve() if folder is not None else None
+def _build_subset(values: dict[str, Any], subset_data: dict[str, Any], where: str, source: str) -> SubsetConfig:
+    paths = {
+        name: None if values[name] is None else Path(os.path.expanduser(values[name]))
+        for name in ("image_dir", "metadata_file", "conditioning_data_dir")
+    }
+    chosen = {spec.name: values[spec.name] for spec in options_of("subset")} | paths
+    subset = SubsetConfig(**chosen, where=where)
+    if subset.is_finetune:
+        _check_finetune_subset(subset, subset_data, source)
+    else:
+        _check_dreambooth_subset(subset, source)
+    if subset.keep_tokens_separator and subset.keep_tokens_separator == subset.caption_separator:
+        raise ConfigError(
+            f"{source}: {where}.keep_tokens_separator = {_show(subset.keep_tokens_separator)} is the same as "
+            "caption_separator; choose a separator that does not occur inside tags, such as '|||'."
+        )
+    return subset
+
+
+def _check_dreambooth_subset(subset: SubsetConfig, source: str) -> None:
+    where = subset.where
+    if subset.image_dir is None:
+        raise ConfigError(
+            f"{source}: {where} has no image_dir; set it to the folder holding the images "
+            "(or set metadata_file for a fine-tuning subset)."
+        )
+    _check_folder(subset.image_dir, f"{where}.image_dir", source)
+    if subset.conditioning_data_dir is not None:
+        _check_folder(subset.conditioning_data_dir, f"{where}.conditioning_data_dir", source)
+
+
+def _check_finetune_subset(subset: SubsetConfig, subset_data: dict[str, Any], source: str) -> None:
+    where = subset.where
+    dreambooth_only = sorted(
+        name for name in subset_data if name in OPTIONS_BY_NAME and OPTIONS_BY_NAME[name].kind == "dreambooth"
+    )
+    if dreambooth_only:
+        raise ConfigError(
+            f"{source}: {where} has metadata_file, so it is a fine-tuning subset, which cannot use "
+            f"{', '.join(dreambooth_only)} (DreamBooth subsets only): captions come from the metadata file, and "
+            "regularization images and mask folders need a DreamBooth dataset."
+        )
+    if not subset.metadata_file.is_file():
+        raise ConfigError(f"{source}: {where}.metadata_file = {_show(str(subset.metadata_file))} does not exist.")
+    if subset.image_dir is not None:
+        _check_folder(subset.image_dir, f"{where}.image_dir", source)
+
+
+def _check_folder(folder: Path, name: str, source: str) -> None:
+    if not folder.is_dir():
+        raise ConfigError(f"{source}: {name} = {_show(str(folder))} is not an existing folder.")
+
+
+def _dedup_key(subset: SubsetConfig) -> Path:
+    """DreamBooth subsets are the same when they read the same folder, fine-tuning ones the same metadata file."""
+    path = subset.metadata_file if subset.is_finetune else subset.image_dir
+    return path.resolve()
 
 
 def _check_dataset(dataset: DatasetConfig, source: str) -> None:
     where = dataset.where
-    if dataset.resolution is None:
+    # A fine-tuning dataset may do without a resolution when every image has prepared latents; that is known only
+    # once its metadata is read (library/data/image_dataset.py checks it then).
+    if dataset.resolution is None and not dataset.subsets[0].is_finetune:
         raise ConfigError(
             f"{source}: {where} has no resolution; set e.g. resolution = 512 or [width, height] "
-            "in [[datasets]] or [general]."
+            "in [[datasets]] or [general] (or --resolution on the command line)."
         )
-    if not dataset.enable_bucket:
+    if not dataset.enable_bucket or dataset.resolution is None:
         return
     steps, low, high = dataset.bucket_reso_steps, dataset.min_bucket_reso, dataset.max_bucket_reso
     for name, value in (("min_bucket_reso", low), ("max_bucket_reso", high)):

@@ -1,8 +1,10 @@
 """All datasets of a run as one torch Dataset whose items are whole batches, in a (seed, epoch)-determined order.
 
 Usage: `group = build_dataset_group(args, seed, prior_loss_weight)`, then per epoch `group.set_epoch(epoch)` before
-iterating `group.make_dataloader(...)`. Batches never mix buckets; the order and every random choice (flip,
-caption shuffle) depend only on (seed, epoch, sample), so a resumed run sees exactly the same data.
+iterating `group.make_dataloader(...)`. Batches never mix buckets; the order and every random choice (flip, crop,
+caption shuffle and dropout) depend only on (seed, epoch, sample), so a resumed run sees exactly the same data.
+With several training processes, each process's group is told its place (`num_processes`, `process_index`) and
+yields only its share of every global batch (see library/data/batching.py).
 """
 
 from __future__ import annotations
@@ -10,26 +12,28 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from library.config.dataset_config import DatasetGroupConfig, load_dataset_config
-from library.data.image_dataset import ImageDataset, Sample, scan_subset
+from library.config.dataset_cli import add_dataset_option_arguments, load_group_config
+from library.config.dataset_config import DatasetGroupConfig
+from library.data.image_dataset import ImageDataset, Sample
+from library.data.scan import scan_subset
 from library.data.summary import dataset_summary, format_summary
-from library.errors import ConfigError
+from library.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
 
 _SEED_MASK = (1 << 64) - 1  # numpy seed sequences take non-negative integers
+SAMPLE_CAPTIONS = 3  # processed captions per dataset shown by the summary
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the dataset engine and its data loader (`parser` may also be an argument group)."""
-    parser.add_argument("--dataset_config", type=Path, default=None, help="dataset config file (.toml or .json)")
+    add_dataset_option_arguments(parser)
     parser.add_argument(
         "--max_data_loader_n_workers",
         type=int,
@@ -41,19 +45,21 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep data loader workers alive between epochs (faster epoch starts, more memory)",
     )
-    parser.add_argument("--debug_dataset", action="store_true", help="print the dataset summary and exit")
+    parser.add_argument(
+        "--debug_dataset", action="store_true", help="print the dataset summary with sample captions and exit"
+    )
 
 
-def build_dataset_group(args: argparse.Namespace, seed: int, prior_loss_weight: float) -> DatasetGroup:
-    """Validate the dataset config and scan every image folder (headers and captions only; no model needed)."""
-    if getattr(args, "dataset_config", None) is None:
-        raise ConfigError("No dataset given: pass --dataset_config with a .toml or .json dataset config file.")
+def build_dataset_group(
+    args: argparse.Namespace, seed: int, prior_loss_weight: float, num_processes: int = 1, process_index: int = 0
+) -> DatasetGroup:
+    """Validate the dataset options and scan every image folder (headers and captions only; no model needed)."""
     if prior_loss_weight < 0:
         raise ConfigError(f"--prior_loss_weight = {prior_loss_weight} is invalid: expected a number >= 0.")
-    config = load_dataset_config(args.dataset_config)
-    group = DatasetGroup.from_config(config, seed, prior_loss_weight)
+    config = load_group_config(args)
+    group = DatasetGroup.from_config(config, seed, prior_loss_weight, num_processes, process_index)
     if getattr(args, "debug_dataset", False):
-        print(format_summary(group.summary()))  # --debug_dataset: the summary is the product
+        print(format_summary(group.summary(sample_captions=True)))  # --debug_dataset: the summary is the product
     return group
 
 
@@ -62,35 +68,58 @@ def _take_single(items: list[dict[str, Any]]) -> dict[str, Any]:
     return items[0]
 
 
-class DatasetGroup(Dataset):
-    """Index i is the i-th batch of the current epoch, over all datasets; see the module docstring."""
+class _EpochLoader(DataLoader):
+    """A DataLoader whose `set_epoch` reaches the dataset group, like accelerate's prepared loaders."""
 
-    def __init__(self, datasets: list[ImageDataset], seed: int) -> None:
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+
+class DatasetGroup(Dataset):
+    """Index i is this process's share of the i-th batch of the current epoch; see the module docstring."""
+
+    def __init__(self, datasets: list[ImageDataset], seed: int, num_processes: int = 1, process_index: int = 0) -> None:
         self.datasets = datasets
         self.seed = seed & _SEED_MASK
         self.num_train_images = sum(d.num_train_samples for d in datasets)  # repeats counted, as ss_num_train_images
         self.num_reg_images = sum(d.num_reg_images for d in datasets)  # distinct reg image files
-        self._length = sum(d.batch_count() for d in datasets)
+        self.has_masks = any(d.has_masks for d in datasets)
         # The epoch lives in shared memory so that persistent DataLoader workers follow set_epoch().
         self._shared_epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._epoch = -1
         self._batches: list[tuple[int, np.ndarray]] = []
-        self.set_epoch(0)
+        self.set_processes(num_processes, process_index)
 
     @classmethod
-    def from_config(cls, config: DatasetGroupConfig, seed: int, prior_loss_weight: float) -> DatasetGroup:
-        """Scan the folders of every subset and build the group."""
+    def from_config(
+        cls,
+        config: DatasetGroupConfig,
+        seed: int,
+        prior_loss_weight: float,
+        num_processes: int = 1,
+        process_index: int = 0,
+    ) -> DatasetGroup:
+        """Scan the folders and metadata of every subset and build the group."""
         datasets = []
         for dataset_config in config.datasets:
             images = [scan_subset(subset, config.source) for subset in dataset_config.subsets]
             datasets.append(ImageDataset(dataset_config, images, prior_loss_weight, config.source))
-        return cls(datasets, seed)
+        return cls(datasets, seed, num_processes, process_index)
+
+    def set_processes(self, num_processes: int, process_index: int) -> None:
+        """Take this process's share of every batch (`accelerator.num_processes`, `accelerator.process_index`)."""
+        if num_processes < 1 or not 0 <= process_index < num_processes:
+            raise ValueError(f"process {process_index} of {num_processes} does not exist")
+        self.num_processes, self.process_index = num_processes, process_index
+        self._length = sum(d.batch_count(num_processes) for d in self.datasets)
+        self._epoch = -1
+        self._follow_epoch()
 
     def __len__(self) -> int:
         return self._length
 
     def set_epoch(self, epoch: int) -> None:
-        """Reorder for `epoch`; call before iterating the epoch's data loader."""
+        """Reorder for `epoch` (0-based); call before iterating the epoch's data loader."""
         self._shared_epoch[0] = epoch
         self._follow_epoch()
 
@@ -101,16 +130,17 @@ class DatasetGroup(Dataset):
             self._epoch = epoch
 
     def _plan_epoch(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+        # Every process draws the same plan from the same seed and keeps its own share of each global batch.
         rng = np.random.default_rng((self.seed, epoch & _SEED_MASK))
         batches = [
-            (dataset_index, sample_ids)
+            (dataset_index, shares[self.process_index])
             for dataset_index, dataset in enumerate(self.datasets)
-            for sample_ids in dataset.plan_batches(rng)
+            for shares in dataset.plan_batches(rng, self.num_processes)
         ]
         return [batches[i] for i in rng.permutation(len(batches))]
 
     def batch_plan(self) -> list[tuple[int, list[int]]]:
-        """The current epoch's batches as (dataset index, sample ids); for tests and debugging."""
+        """This process's batches of the current epoch as (dataset index, sample ids); for tests and debugging."""
         self._follow_epoch()
         return [(dataset_index, ids.tolist()) for dataset_index, ids in self._batches]
 
@@ -119,23 +149,27 @@ class DatasetGroup(Dataset):
         dataset_index, sample_ids = self._batches[index]
         dataset = self.datasets[dataset_index]
         samples = [
-            dataset.load_sample(int(sample_id), self._sample_rng(dataset_index, int(sample_id)))
+            dataset.load_sample(int(sample_id), self._sample_rng(dataset_index, int(sample_id)), self._epoch + 1)
             for sample_id in sample_ids
         ]
-        return _collate(samples)
+        return _collate(samples, self.has_masks)
 
     def _sample_rng(self, dataset_index: int, sample_id: int) -> np.random.Generator:
         return np.random.default_rng((self.seed, self._epoch & _SEED_MASK, dataset_index, sample_id))
 
     def make_dataloader(self, num_workers: int, persistent: bool) -> DataLoader:
-        """A loader yielding the batches of the current epoch in order (the order itself is already shuffled)."""
+        """A loader yielding the batches of the current epoch in order (the order itself is already shuffled).
+
+        The loader has `set_epoch(epoch)`. With several processes the group already yields only this process's
+        share, so the loader must not be sharded again (see docs/dataset_config.md, "Several processes").
+        """
         cpus = os.cpu_count() or 1
         workers = min(num_workers, cpus)
         if workers < num_workers:
             logger.info(
                 "Using %d data loader workers instead of %d: the machine has %d CPUs.", workers, num_workers, cpus
             )
-        return DataLoader(
+        return _EpochLoader(
             self,
             batch_size=1,
             shuffle=False,
@@ -144,26 +178,66 @@ class DatasetGroup(Dataset):
             persistent_workers=persistent and workers > 0,
         )
 
-    def summary(self) -> dict[str, Any]:
-        """A JSON-able description: per dataset its options, buckets, subsets and counts."""
+    def summary(self, sample_captions: bool = False) -> dict[str, Any]:
+        """A JSON-able description: per dataset its options, buckets, subsets and counts.
+
+        `sample_captions` adds a few processed captions with their image paths per dataset (for people looking at
+        the data; kept out by default so that training metadata carries no captions).
+        """
+        datasets = []
+        for index, dataset in enumerate(self.datasets):
+            described = dataset_summary(dataset, self.num_processes)
+            if sample_captions:
+                described["sample_captions"] = self._sample_captions(index, dataset)
+            datasets.append(described)
         return {
             "steps_per_epoch": len(self),
             "num_train_images": self.num_train_images,
             "num_reg_images": self.num_reg_images,
-            "datasets": [dataset_summary(dataset) for dataset in self.datasets],
+            "num_processes": self.num_processes,
+            "datasets": datasets,
         }
 
+    def _sample_captions(self, dataset_index: int, dataset: ImageDataset) -> list[dict[str, str]]:
+        """Captions of the first few images as the first epoch would process them (no image is decoded)."""
+        count = min(SAMPLE_CAPTIONS, len(dataset.samples))
+        picks = np.linspace(0, len(dataset.samples) - 1, count).astype(np.int64) if count else []
+        result = []
+        for sample_id in picks:
+            image_index = int(dataset.samples[sample_id])
+            rng = np.random.default_rng((self.seed, 0, dataset_index, int(sample_id)))
+            caption = dataset.caption_of(image_index, rng, epoch=1)
+            result.append({"image": dataset.image_paths[image_index], "caption": caption})
+        return result
 
-def _collate(samples: list[Sample]) -> dict[str, Any]:
-    images = torch.from_numpy(np.stack([sample.image for sample in samples]))  # (B, H, W, 3) uint8
-    images = images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)  # (B, 3, H, W) in [-1, 1]
-    height, width = samples[0].image.shape[:2]
-    return {
-        "images": images.contiguous(),
+
+def _collate(samples: list[Sample], with_masks: bool) -> dict[str, Any]:
+    """The batch dict: pixels as `images` (B, 3, H, W) in [-1, 1], or prepared `latents` (B, C, h, w) raw."""
+    first = samples[0]
+    batch: dict[str, Any] = {
+        "images": None,
         "captions": [sample.caption for sample in samples],
         "loss_weights": torch.tensor([sample.loss_weight for sample in samples], dtype=torch.float32),
         "image_paths": [sample.path for sample in samples],
         "original_sizes": [sample.original_size for sample in samples],
         "crop_top_lefts": [sample.crop_top_left for sample in samples],
-        "target_size": (height, width),
+        "target_size": first.target_size,
     }
+    if first.latents is not None:
+        shapes = {sample.latents.shape for sample in samples}
+        if len(shapes) > 1:
+            raise DatasetError(
+                f"Prepared latents of one bucket differ in shape {sorted(shapes)}: {', '.join(batch['image_paths'])}. "
+                "Prepare them again with the same settings."
+            )
+        batch["latents"] = torch.from_numpy(np.stack([sample.latents for sample in samples]))  # (B, C, h, w)
+        return batch
+    images = torch.from_numpy(np.stack([sample.image for sample in samples]))  # (B, H, W, 3) uint8
+    batch["images"] = images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()  # (B, 3, H, W) [-1, 1]
+    if with_masks:
+        masks = [
+            sample.mask if sample.mask is not None else np.ones(sample.image.shape[:2], dtype=np.float32)
+            for sample in samples
+        ]
+        batch["masks"] = torch.from_numpy(np.stack(masks))[:, None]  # (B, 1, H, W) in [0, 1]
+    return batch

@@ -3,65 +3,36 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from library.config.dataset_config import DatasetConfig, SubsetConfig
+from library.config.dataset_config import DatasetConfig
+from library.data.batching import count_batches, plan_batches
 from library.data.buckets import assign_buckets
-from library.data.captions import CaptionOptions, make_caption, read_captions
-from library.data.images import (
-    IMAGE_EXTENSIONS,
-    list_folder,
-    load_image,
-    read_image_size,
-    resize_and_crop,
-    select_images,
-)
+from library.data.captions import CaptionOptions, make_caption
+from library.data.images import load_image_and_alpha, load_mask
+from library.data.latents import load_latents, uses_prepared_latents
+from library.data.scan import SubsetImages
+from library.data.transforms import CropPlan, apply_crop, face_from_name, plan_crop, shift_hue
 from library.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class SubsetImages:
-    """What a subset folder holds: image paths, their (width, height) and their raw captions."""
-
-    paths: list[str]
-    sizes: np.ndarray  # (N, 2) int64 [width, height]
-    captions: list[str]
-
-
-@dataclass(frozen=True)
 class Sample:
-    """One image prepared for a batch."""
+    """One sample prepared for a batch: pixels (`image`) or prepared `latents`, never both."""
 
-    image: np.ndarray  # (H, W, 3) uint8, H x W = the bucket
+    image: np.ndarray | None  # (H, W, 3) uint8, H x W = the bucket
+    latents: np.ndarray | None  # (C, h, w) float32, raw VAE latents
+    mask: np.ndarray | None  # (H, W) float32 loss weights in [0, 1]
     caption: str
     loss_weight: float
     path: str
     original_size: tuple[int, int]  # (height, width) before resizing
     crop_top_left: tuple[int, int]  # (top, left) in the resized image
-
-
-def scan_subset(subset: SubsetConfig, source: str) -> SubsetImages:
-    """List a subset's images, read their sizes from the headers and their captions."""
-    folder = str(subset.image_dir)
-    names = list_folder(subset.image_dir)
-    image_names = select_images(names)
-    if not image_names:
-        hint = ""
-        if any(os.scandir(folder)):
-            hint = " Images must be directly inside image_dir; subfolders are not searched."
-        extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
-        raise DatasetError(f"{source}: {subset.where}.image_dir {folder} contains no images ({extensions}).{hint}")
-    captions = read_captions(
-        folder, image_names, set(names), subset.caption_extension, subset.class_tokens, f"{source}: {subset.where}"
-    )
-    paths = [os.path.join(folder, name) for name in image_names]
-    sizes = np.array([read_image_size(path) for path in paths], dtype=np.int64).reshape(-1, 2)
-    return SubsetImages(paths=paths, sizes=sizes, captions=captions)
+    target_size: tuple[int, int]  # (height, width) of the bucket
 
 
 def reg_sample_counts(repeats: np.ndarray, target: int) -> np.ndarray:
@@ -91,9 +62,33 @@ class ImageDataset:
         self.subset_image_counts = [len(images.paths) for images in subset_images]
         self.image_paths = [path for images in subset_images for path in images.paths]
         self.captions = [caption for images in subset_images for caption in images.captions]
-        self.image_sizes = np.concatenate([images.sizes for images in subset_images])  # (N, 2) [width, height]
+        self.mask_paths = [path for images in subset_images for path in images.mask_paths]
+        self.latent_files = [files for images in subset_images for files in images.latents]
+        self.image_sizes = np.concatenate([images.size_array() for images in subset_images])  # (N, 2) [w, h]
         self.subset_of_image = np.repeat(np.arange(len(subset_images)), self.subset_image_counts)  # (N,)
-        self.bucket_sizes, self.bucket_of_image = assign_buckets(
+        has_image = [present for images in subset_images for present in images.has_image]
+        self.uses_latents = uses_prepared_latents(config, self.latent_files, has_image, source)
+        self.has_masks = not self.uses_latents and any(
+            s.alpha_mask or s.conditioning_data_dir is not None for s in self.subsets
+        )
+        self.bucket_sizes, self.bucket_of_image = self._buckets()
+        self._caption_options = [CaptionOptions.of(s) for s in self.subsets]
+        self._loss_weights = [prior_loss_weight if s.is_reg else 1.0 for s in self.subsets]
+        self.samples = self._epoch_samples()  # (M,) image index of every sample of an epoch
+
+    def _buckets(self) -> tuple[np.ndarray, np.ndarray]:
+        config = self.config
+        if self.uses_latents:
+            # Prepared latents already have their size: each image's bucket is its train_resolution.
+            sizes = np.array([files.train_resolution for files in self.latent_files], dtype=np.int64)
+            buckets, index = np.unique(sizes, axis=0, return_inverse=True)
+            return buckets, index.reshape(-1)
+        if config.resolution is None:
+            raise DatasetError(
+                f"{self.source}: {config.where} has no resolution; set e.g. resolution = 512 "
+                "(prepared latents with train_resolution for every image are the only case that needs none)."
+            )
+        return assign_buckets(
             self.image_sizes,
             config.resolution,
             config.enable_bucket,
@@ -102,11 +97,6 @@ class ImageDataset:
             config.max_bucket_reso,
             config.bucket_reso_steps,
         )
-        self._caption_options = [
-            CaptionOptions(s.caption_prefix, s.caption_suffix, s.shuffle_caption, s.keep_tokens) for s in self.subsets
-        ]
-        self._loss_weights = [prior_loss_weight if s.is_reg else 1.0 for s in self.subsets]
-        self.samples = self._epoch_samples()  # (M,) image index of every sample of an epoch
 
     def _epoch_samples(self) -> np.ndarray:
         is_reg = np.array([s.is_reg for s in self.subsets], dtype=bool)[self.subset_of_image]
@@ -139,42 +129,97 @@ class ImageDataset:
         elif reg_with_repeats < train:
             logger.info("%s: regularization images are repeated to match %d training samples per epoch.", where, train)
 
-    def batch_count(self) -> int:
-        """Batches per epoch: each bucket is split into batches on its own."""
-        per_bucket = np.bincount(self.bucket_of_image[self.samples], minlength=len(self.bucket_sizes))
-        return int((-(-per_bucket // self.config.batch_size)).sum())
+    def samples_per_bucket(self) -> np.ndarray:
+        """(K,) number of samples of an epoch in each bucket."""
+        return np.bincount(self.bucket_of_image[self.samples], minlength=len(self.bucket_sizes))
 
-    def plan_batches(self, rng: np.random.Generator) -> list[np.ndarray]:
-        """Sample ids grouped into batches, each from one bucket; items shuffled within their bucket."""
+    def batch_count(self, num_processes: int = 1) -> int:
+        """Steps per epoch: each bucket is split into batches on its own."""
+        return count_batches(self.samples_per_bucket(), self.config.batch_size, num_processes)
+
+    def plan_batches(self, rng: np.random.Generator, num_processes: int = 1) -> list[list[np.ndarray]]:
+        """The epoch's global batches (see library/data/batching.py): per process, sample ids from one bucket."""
         sample_buckets = self.bucket_of_image[self.samples]
-        shuffled = rng.permutation(len(self.samples))
-        by_bucket = shuffled[np.argsort(sample_buckets[shuffled], kind="stable")]
-        per_bucket = np.bincount(sample_buckets, minlength=len(self.bucket_sizes))
-        batch_size = self.config.batch_size
-        batches = []
-        start = 0
-        for count in per_bucket.tolist():
-            for offset in range(start, start + count, batch_size):
-                batches.append(by_bucket[offset : min(offset + batch_size, start + count)])
-            start += count
-        return batches
+        return plan_batches(sample_buckets, len(self.bucket_sizes), self.config.batch_size, num_processes, rng)
 
-    def load_sample(self, sample_id: int, rng: np.random.Generator) -> Sample:
-        """Decode, resize and crop the image of one sample, apply flip_aug, and build its caption."""
+    def caption_of(self, image_index: int, rng: np.random.Generator, epoch: int) -> str:
+        """One use of an image's caption in (1-based) `epoch`."""
+        subset_index = int(self.subset_of_image[image_index])
+        return make_caption(self.captions[image_index], self._caption_options[subset_index], rng, epoch)
+
+    def load_sample(self, sample_id: int, rng: np.random.Generator, epoch: int = 1) -> Sample:
+        """Load one sample: prepared latents, or the image decoded, cropped to its bucket and augmented."""
         image_index = int(self.samples[sample_id])
         subset_index = int(self.subset_of_image[image_index])
-        path = self.image_paths[image_index]
-        image = load_image(path)
         bucket = self.bucket_sizes[self.bucket_of_image[image_index]]
-        crop, crop_top_left = resize_and_crop(image, (int(bucket[0]), int(bucket[1])))
-        if self.subsets[subset_index].flip_aug and rng.random() < 0.5:
-            crop = crop[:, ::-1]
-        caption = make_caption(self.captions[image_index], self._caption_options[subset_index], rng)
+        target = (int(bucket[0]), int(bucket[1]))
+        if self.uses_latents:
+            sample = self._load_latents(image_index, target, rng)
+        else:
+            sample = self._load_pixels(image_index, subset_index, target, rng)
+        caption = self.caption_of(image_index, rng, epoch)
         return Sample(
-            image=crop,
+            **sample,
             caption=caption,
             loss_weight=self._loss_weights[subset_index],
-            path=path,
-            original_size=(image.shape[0], image.shape[1]),
-            crop_top_left=crop_top_left,
+            target_size=(target[1], target[0]),
         )
+
+    def _load_latents(self, image_index: int, target: tuple[int, int], rng: np.random.Generator) -> dict:
+        files = self.latent_files[image_index]
+        flipped = files.flip_npz is not None and rng.random() < 0.5
+        prepared = load_latents(files.flip_npz if flipped else files.npz)
+        return {
+            "image": None,
+            "latents": prepared.latents,
+            "mask": None,
+            "path": self.image_paths[image_index],
+            "original_size": prepared.original_size or (target[1], target[0]),
+            "crop_top_left": prepared.crop_top_left or (0, 0),
+        }
+
+    def _load_pixels(
+        self, image_index: int, subset_index: int, target: tuple[int, int], rng: np.random.Generator
+    ) -> dict:
+        subset = self.subsets[subset_index]
+        path = self.image_paths[image_index]
+        image, alpha = load_image_and_alpha(path, with_alpha=subset.alpha_mask)
+        height, width = image.shape[:2]
+        face = face_from_name(path) if subset.face_crop_aug_range is not None else None
+        plan = plan_crop((width, height), target, rng, subset.random_crop, face, subset.face_crop_aug_range)
+        crop = apply_crop(image, plan, subset.resize_interpolation)
+        mask = self._mask(image_index, alpha, (width, height), plan, subset.resize_interpolation)
+        if subset.flip_aug and rng.random() < 0.5:
+            crop = crop[:, ::-1]
+            mask = None if mask is None else mask[:, ::-1]
+        if subset.color_aug:
+            crop = shift_hue(crop, rng)
+        return {
+            "image": np.ascontiguousarray(crop),
+            "latents": None,
+            "mask": None if mask is None else np.ascontiguousarray(mask),
+            "path": path,
+            "original_size": (height, width),
+            "crop_top_left": (plan.top, plan.left),
+        }
+
+    def _mask(
+        self,
+        image_index: int,
+        alpha: np.ndarray | None,
+        size: tuple[int, int],
+        plan: CropPlan,
+        interpolation: str | None,
+    ) -> np.ndarray | None:
+        """(H, W) float32 weights: alpha and/or the conditioning mask (multiplied when both), else all ones."""
+        if not self.has_masks:
+            return None
+        mask_path = self.mask_paths[image_index]
+        weights = None if alpha is None else alpha.astype(np.float32) / 255.0
+        if mask_path is not None:
+            red = load_mask(mask_path, size).astype(np.float32) / 255.0
+            weights = red if weights is None else weights * red
+        if weights is None:
+            return np.ones((plan.target[1], plan.target[0]), dtype=np.float32)
+        scaled = apply_crop(np.round(weights * 255.0).astype(np.uint8), plan, interpolation)
+        return scaled.astype(np.float32) / 255.0

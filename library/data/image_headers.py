@@ -102,3 +102,26 @@ def _exif_orientation(tiff: bytes) -> int:
 
 def _oriented(width: int, height: int, orientation: int) -> tuple[int, int]:
     return (height, width) if orientation in TRANSPOSING_ORIENTATIONS else (width, height)
+
+
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk: length 0, type, CRC
+_JPEG_END = b"\xff\xd9"
+
+
+def ends_completely(head: bytes, tail: bytes, extension: str, file_size: int) -> bool:
+    """Whether a file ends the way a complete file of its format does, from its first and last bytes.
+
+    `head` starts the file, `tail` ends it (at least 12 bytes unless the file is shorter). False does not prove
+    damage: some writers append data after the end marker (e.g. motion photos after a JPEG), so the caller decodes
+    such files fully before calling them truncated. WebP and BMP have no end marker; their headers declare the file
+    size, which is compared with the real one.
+    """
+    if extension == ".png":
+        return tail.endswith(_PNG_END)
+    if extension in (".jpg", ".jpeg"):
+        return tail.endswith(_JPEG_END)
+    if extension == ".webp" and head[:4] == b"RIFF" and len(head) >= 8:
+        return file_size >= 8 + struct.unpack("<I", head[4:8])[0]
+    if extension == ".bmp" and head[:2] == b"BM" and len(head) >= 6:
+        return file_size >= struct.unpack("<I", head[2:6])[0]
+    return True

@@ -1,42 +1,86 @@
-"""Image files: discovery, sizes from headers (no decoding), and loading resized and cropped to a bucket."""
+"""Image files: discovery, start-up checks (size from the header, truncation from the tail), and decoding."""
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
-import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
-from library.data.image_headers import EXIF_ORIENTATION, TRANSPOSING_ORIENTATIONS, header_size
+from library.data.image_headers import EXIF_ORIENTATION, TRANSPOSING_ORIENTATIONS, ends_completely, header_size
+from library.data.transforms import resize_and_crop  # noqa: F401  (re-exported: finetune/ tools import it here)
 from library.errors import DatasetError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-def list_folder(folder: Path) -> list[str]:
+class CorruptImageError(DatasetError):
+    """An image file that cannot be used; `skip_corrupt_images` turns it into a warning."""
+
+
+def list_folder(folder: Path | str) -> list[str]:
     """Names of the plain files directly inside `folder`, sorted so that every run sees the same order."""
     with os.scandir(folder) as entries:
         return sorted(entry.name for entry in entries if entry.is_file())
 
 
-def select_images(names: list[str]) -> list[str]:
-    """The names with a supported image extension, in any letter case; hidden files (".name") are skipped.
+def is_image_name(name: str) -> bool:
+    """A supported image extension, in any letter case; hidden files (".name") are not images.
 
     Skipping hidden files keeps macOS "._name.jpg" resource forks out, as shell globs do.
     """
-    return [n for n in names if not n.startswith(".") and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def select_images(names: list[str]) -> list[str]:
+    """The image names among `names`, in the same order."""
+    return [name for name in names if is_image_name(name)]
+
+
+_HEAD_BYTES = 65536  # one read covers the headers of nearly all files (JPEG EXIF blocks are at most 64 KiB)
+
+
+def probe_image(path: str) -> tuple[int, int]:
+    """(width, height) as displayed (EXIF orientation applied), without decoding; raises CorruptImageError.
+
+    Reads the header and the last bytes: a file cut short while copying or downloading is found here, at start-up,
+    instead of in the middle of training.
+    """
+    extension = os.path.splitext(path)[1].lower()
+    try:
+        size, complete = _read_head_and_tail(path, extension)
+    except OSError as err:
+        raise CorruptImageError(f"Cannot read image {path}: {err.strerror or err}.") from None
+    if size is None:
+        size = _pil_image_size(path)
+    if not complete:
+        _decode_or_fail(path)
+    return size
+
+
+def _read_head_and_tail(path: str, extension: str) -> tuple[tuple[int, int] | None, bool]:
+    """Header size and end check from two reads (the start and the end of the file), no buffered file object."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        file_size = os.fstat(descriptor).st_size
+        head = os.pread(descriptor, _HEAD_BYTES, 0)
+        tail = head if file_size <= len(head) else os.pread(descriptor, 16, file_size - 16)
+    finally:
+        os.close(descriptor)
+    buffer = io.BytesIO(head)
+    size = header_size(buffer, extension)
+    if len(head) < file_size and buffer.tell() >= len(head):
+        with open(path, "rb") as file:  # the header runs past the first read: parse from the file itself
+            size = header_size(file, extension)
+    return size, ends_completely(head, tail, extension, file_size)
 
 
 def read_image_size(path: str) -> tuple[int, int]:
     """(width, height) as displayed, i.e. after EXIF orientation; reads the header only."""
-    try:
-        with open(path, "rb") as file:
-            size = header_size(file, os.path.splitext(path)[1].lower())
-    except OSError as err:
-        raise DatasetError(f"Cannot read image {path}: {err}.") from None
-    return size if size is not None else _pil_image_size(path)
+    return probe_image(path)
 
 
 def _pil_image_size(path: str) -> tuple[int, int]:
@@ -46,38 +90,53 @@ def _pil_image_size(path: str) -> tuple[int, int]:
             # Only consult EXIF when the header already carried it: PNG's getexif() would decode the whole file.
             if "exif" in image.info and image.getexif().get(EXIF_ORIENTATION, 1) in TRANSPOSING_ORIENTATIONS:
                 width, height = height, width
-    except (OSError, ValueError, SyntaxError) as err:
-        raise DatasetError(f"Cannot read image {path}: {err}. Remove it or replace it with a valid image.") from None
+    except _DECODE_ERRORS as err:
+        raise CorruptImageError(
+            f"Cannot read image {path}: {err}. Remove it or replace it with a valid image."
+        ) from None
     return width, height
+
+
+def _decode_or_fail(path: str) -> None:
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except _DECODE_ERRORS as err:
+        raise CorruptImageError(
+            f"Image {path} is truncated or damaged ({err}). Replace it, or set skip_corrupt_images = true "
+            "(--skip_corrupt_images) to leave such images out with a warning."
+        ) from None
 
 
 def load_image(path: str) -> np.ndarray:
     """Decode an image as RGB uint8 (H, W, 3), upright according to its EXIF orientation."""
+    return load_image_and_alpha(path, with_alpha=False)[0]
+
+
+def load_image_and_alpha(path: str, with_alpha: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decode upright (EXIF orientation): RGB uint8 (H, W, 3), and with `with_alpha` the alpha (H, W) uint8.
+
+    The alpha is None for images without transparency (they count as fully opaque).
+    """
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)
-            return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError, SyntaxError) as err:
+            has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+            if with_alpha and has_alpha:
+                rgba = np.asarray(image.convert("RGBA"))
+                return np.ascontiguousarray(rgba[:, :, :3]), np.ascontiguousarray(rgba[:, :, 3])
+            return np.asarray(image.convert("RGB")), None
+    except _DECODE_ERRORS as err:
         raise DatasetError(f"Cannot decode image {path}: {err}. Remove it or replace it with a valid image.") from None
 
 
-def resize_and_crop(image: np.ndarray, target: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
-    """Scale `image` (H, W, 3) to cover `target` (width, height), then crop the centre.
-
-    Returns the (height, width, 3) crop and the crop's (top, left) in the scaled image. Downscaling uses area
-    averaging (OpenCV INTER_AREA) and upscaling Lanczos (PIL), the defaults the seed guide describes.
-    """
-    target_width, target_height = target
-    height, width = image.shape[:2]
-    scale = max(target_width / width, target_height / height)
-    scaled_width = max(target_width, round(width * scale))
-    scaled_height = max(target_height, round(height * scale))
-    if (scaled_width, scaled_height) != (width, height):
-        if scale < 1:
-            image = cv2.resize(image, (scaled_width, scaled_height), interpolation=cv2.INTER_AREA)
-        else:
-            resized = Image.fromarray(image).resize((scaled_width, scaled_height), Image.Resampling.LANCZOS)
-            image = np.asarray(resized)
-    top = (scaled_height - target_height) // 2
-    left = (scaled_width - target_width) // 2
-    return image[top : top + target_height, left : left + target_width], (top, left)
+def load_mask(path: str, size: tuple[int, int]) -> np.ndarray:
+    """A mask image's R channel as uint8 (H, W), stretched to `size` (width, height) when it differs."""
+    try:
+        with Image.open(path) as image:
+            red = ImageOps.exif_transpose(image).convert("RGB").getchannel("R")
+            if red.size != size:
+                red = red.resize(size, Image.Resampling.BILINEAR)
+            return np.asarray(red)
+    except _DECODE_ERRORS as err:
+        raise DatasetError(f"Cannot decode mask image {path}: {err}.") from None
