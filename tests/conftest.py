@@ -34,6 +34,16 @@ def tokenizer_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> str:
+    """The tiny SDXL model as `sdxl.safetensors` (SGM layout) and `sdxl-diffusers/`."""
+    from library.testing.tiny_sdxl import write_tiny_sdxl
+
+    out = str(tmp_path_factory.mktemp("sdxl"))
+    write_tiny_sdxl(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def toy_dataset(tmp_path_factory) -> str:
     """A toy dataset of 6 images with captions and 2 regularization images; returns the TOML path."""
     from library.testing.toy_data import write_toy_dataset
@@ -41,11 +51,20 @@ def toy_dataset(tmp_path_factory) -> str:
     return write_toy_dataset(str(tmp_path_factory.mktemp("data")), count=6, reg_count=2, batch_size=2)
 
 
-def run_cli(args: list[str], tmp_path, launcher: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run an entry script as a user would (through `accelerate launch` with no accelerate config file)."""
+def cli_env(tmp_path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a CLI run: offline, no accelerate config, no hub cache."""
     env = dict(os.environ)
-    env["HF_HOME"] = str(tmp_path / "hf_home")  # no accelerate config, no hub cache
+    env["HF_HOME"] = str(tmp_path / "hf_home")
     env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def run_cli(
+    args: list[str], tmp_path, launcher: bool = True, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run an entry script as a user would (through `accelerate launch` with no accelerate config file)."""
+    env = cli_env(tmp_path, env)
     if launcher:
         accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
         command = [accelerate, "launch", "--quiet", *args]

@@ -13,6 +13,14 @@ from library.errors import CheckpointError
 from library.families.sd import SDFamily, frame_token_chunks, merge_chunk_states
 
 
+def default_noise_options():
+    from library.training.noise import NoiseOptions, add_noise_arguments
+
+    parser = argparse.ArgumentParser()
+    add_noise_arguments(parser)
+    return NoiseOptions.from_args(parser.parse_args([]))
+
+
 def family_args(model: str, **overrides) -> argparse.Namespace:
     values = dict(
         pretrained_model_name_or_path=model, v2=False, v_parameterization=False, clip_skip=None,
@@ -116,7 +124,7 @@ def test_pickled_checkpoint_with_code_is_refused_without_allow_pickle(tmp_path, 
 def test_objective_target_is_noise_or_velocity(tiny_models_dir, v_parameterization):
     family = SDFamily(family_args("unused", v_parameterization=v_parameterization))
     latents = torch.randn(2, 4, 8, 8)
-    inputs = family.training_inputs(latents, torch.Generator().manual_seed(0))
+    inputs = family.training_inputs(latents, torch.Generator().manual_seed(0), default_noise_options())
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
     alphas = family.noise_scheduler.alphas_cumprod[inputs.timesteps].view(-1, 1, 1, 1)
     torch.testing.assert_close(inputs.noisy_latents, alphas.sqrt() * latents + (1 - alphas).sqrt() * noise)

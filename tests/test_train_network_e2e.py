@@ -47,6 +47,7 @@ def train_args(model: str, dataset: str, out_dir: str, tokenizer_dir: str, *extr
         "--seed", "7",
         "--tokenizer_cache_dir", tokenizer_dir,
         "--max_data_loader_n_workers", "0",
+        "--cpu_threads", "1",  # tiny models run fastest on one thread
         *extra,
     ]
 

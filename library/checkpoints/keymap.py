@@ -19,7 +19,9 @@ from library.errors import CheckpointError
 # "same": the tensor is passed through unchanged.
 # "conv1x1": original is a 1x1 convolution (C_out, C_in, 1, 1), the model holds a Linear (C_out, C_in).
 # "fused": original is the concatenation along dim 0 of the model tensors, in table order (e.g. q|k|v).
-Layout = Literal["same", "conv1x1", "fused"]
+# "transposed": original is the model matrix transposed (OpenCLIP's text_projection is used as x @ P, while a
+#   Linear layer computes x @ W.T).
+Layout = Literal["same", "conv1x1", "fused", "transposed"]
 
 _LISTED_KEYS = 10
 
@@ -71,6 +73,8 @@ def _to_model_tensors(entry: Entry, tensor: Tensor) -> tuple[Tensor, ...]:
             )
         # Clones, so the parts don't share storage (safetensors refuses to save shared tensors).
         return tuple(part.clone() for part in tensor.chunk(parts, dim=0))
+    if entry.layout == "transposed":
+        return (tensor.T.contiguous(),)
     return (tensor,)
 
 
@@ -79,6 +83,8 @@ def _to_original_tensor(entry: Entry, tensors: list[Tensor]) -> Tensor:
         return tensors[0].reshape(*tensors[0].shape, 1, 1)  # (C_out, C_in) -> (C_out, C_in, 1, 1)
     if entry.layout == "fused":
         return torch.cat(tensors, dim=0)
+    if entry.layout == "transposed":
+        return tensors[0].T.contiguous()
     return tensors[0]
 
 

@@ -27,7 +27,7 @@ TEXT_MODEL_PREFIX = "text_model."  # our canonical text-encoder names keep it (t
 ModelType = Literal["sd1", "sd2", "sdxl", "sd3", "flux", "lumina", "unknown"]
 
 # The DDPM schedule buffers that LDM training saved with the weights; no model uses them.
-_SCHEDULE_BUFFERS = frozenset(
+SCHEDULE_BUFFERS = frozenset(
     {
         "betas",
         "alphas_cumprod",
@@ -43,8 +43,8 @@ _SCHEDULE_BUFFERS = frozenset(
         "posterior_mean_coef2",
     }
 )
-_V1_EXTRAS = _SCHEDULE_BUFFERS | {CLIP_PREFIX + "embeddings.position_ids"}
-_V2_EXTRAS = _SCHEDULE_BUFFERS | {OPEN_CLIP_PREFIX + "logit_scale", OPEN_CLIP_PREFIX + "text_projection"}
+_V1_EXTRAS = SCHEDULE_BUFFERS | {CLIP_PREFIX + "embeddings.position_ids"}
+_V2_EXTRAS = SCHEDULE_BUFFERS | {OPEN_CLIP_PREFIX + "logit_scale", OPEN_CLIP_PREFIX + "text_projection"}
 _EXTRA_PREFIXES = ("model_ema.",)  # EMA copies of the UNet (names flattened, dots removed) and their counters
 
 _FILE_HINT = (
@@ -99,6 +99,10 @@ _UNET_TOP = _params(
         "out.0": "conv_norm_out",
         "out.2": "conv_out",
     }
+)
+# SDXL: the pooled text embedding and the size / crop embeddings enter through `label_emb` (diffusers: text_time).
+_UNET_ADDITION_EMBEDDING = _params(
+    {"label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"}
 )
 _UNET_RESNET = _params(
     {
@@ -167,20 +171,26 @@ def _unet_transformer(original: str, model: str, depth: int) -> Iterator[Entry]:
         )
 
 
-def _unet_entries(cfg: Mapping) -> Iterator[Entry]:
+def unet_entries(cfg: Mapping) -> Iterator[Entry]:
+    """The UNet rows of a diffusers UNet2DConditionModel config (SD 1.x / 2.x, and SDXL's per-level depths)."""
     channels, per_level = list(cfg["block_out_channels"]), cfg["layers_per_block"]
     depth = cfg.get("transformer_layers_per_block", 1)
+    depths = [depth] * len(channels) if isinstance(depth, int) else list(depth)
     down_attention = [name.startswith("CrossAttn") for name in cfg["down_block_types"]]
     up_attention = [name.startswith("CrossAttn") for name in cfg["up_block_types"]]
     yield from _entries(_UNET_TOP, "", "")
-    yield from _unet_down_entries(channels, per_level, down_attention, depth)
+    if cfg.get("addition_embed_type") == "text_time":
+        yield from _entries(_UNET_ADDITION_EMBEDDING, "", "")
+    yield from _unet_down_entries(channels, per_level, down_attention, depths)
     yield from _unet_resnet("middle_block.0.", "mid_block.resnets.0.", False)
-    yield from _unet_transformer("middle_block.1.", "mid_block.attentions.0.", depth)
+    yield from _unet_transformer("middle_block.1.", "mid_block.attentions.0.", depths[-1])
     yield from _unet_resnet("middle_block.2.", "mid_block.resnets.1.", False)
-    yield from _unet_up_entries(len(channels), per_level, up_attention, depth)
+    yield from _unet_up_entries(len(channels), per_level, up_attention, depths[::-1])
 
 
-def _unet_down_entries(channels: list[int], per_level: int, attention: list[bool], depth: int) -> Iterator[Entry]:
+def _unet_down_entries(
+    channels: list[int], per_level: int, attention: list[bool], depths: list[int]
+) -> Iterator[Entry]:
     """input_blocks: 0 is conv_in, then per level `per_level` resnet(+transformer) blocks and a downsampler."""
     for level in range(len(channels)):
         model = f"down_blocks.{level}."
@@ -189,14 +199,17 @@ def _unet_down_entries(channels: list[int], per_level: int, attention: list[bool
             in_channels = channels[level - 1] if layer == 0 and level > 0 else channels[level]
             yield from _unet_resnet(original + "0.", f"{model}resnets.{layer}.", in_channels != channels[level])
             if attention[level]:
-                yield from _unet_transformer(original + "1.", f"{model}attentions.{layer}.", depth)
+                yield from _unet_transformer(original + "1.", f"{model}attentions.{layer}.", depths[level])
         if level < len(channels) - 1:
             downsampler = f"input_blocks.{(level + 1) * (per_level + 1)}."
             yield from _entries(_UNET_DOWNSAMPLER, downsampler, f"{model}downsamplers.0.")
 
 
-def _unet_up_entries(levels: int, per_level: int, attention: list[bool], depth: int) -> Iterator[Entry]:
-    """output_blocks, in diffusers' up_blocks order (deepest level first): `per_level + 1` blocks per level."""
+def _unet_up_entries(levels: int, per_level: int, attention: list[bool], depths: list[int]) -> Iterator[Entry]:
+    """output_blocks, in diffusers' up_blocks order (deepest level first): `per_level + 1` blocks per level.
+
+    `depths` are the transformer depths in up-block order (diffusers reverses the down-block depths).
+    """
     for level in range(levels):
         model = f"up_blocks.{level}."
         for layer in range(per_level + 1):
@@ -204,7 +217,7 @@ def _unet_up_entries(levels: int, per_level: int, attention: list[bool], depth: 
             # The skip concatenation always widens the input, so every up resnet has a shortcut conv.
             yield from _unet_resnet(original + "0.", f"{model}resnets.{layer}.", True)
             if attention[level]:
-                yield from _unet_transformer(original + "1.", f"{model}attentions.{layer}.", depth)
+                yield from _unet_transformer(original + "1.", f"{model}attentions.{layer}.", depths[level])
         if level < levels - 1:  # the upsampler follows the last resnet (and its transformer, if any)
             upsampler = f"output_blocks.{level * (per_level + 1) + per_level}.{2 if attention[level] else 1}."
             yield from _entries(_CONV, upsampler, f"{model}upsamplers.0.")
@@ -226,7 +239,7 @@ def _vae_mid(original: str, model: str) -> Iterator[Entry]:
         yield Entry(f"{attention}{orig}.bias", (f"{model_attention}{name}.bias",))
 
 
-def _vae_entries(cfg: Mapping) -> Iterator[Entry]:
+def vae_entries(cfg: Mapping) -> Iterator[Entry]:
     channels = list(cfg["block_out_channels"])
     levels, per_level = len(channels), cfg["layers_per_block"]
     yield from _entries(_VAE_TOP, "", "")
@@ -254,26 +267,28 @@ def _vae_entries(cfg: Mapping) -> Iterator[Entry]:
             yield from _entries(_CONV, f"{original}upsample.", f"{model}upsamplers.0.")
 
 
-def _clip_entries(layers: int) -> Iterator[Entry]:
-    yield from _entries(_CLIP_TOP, CLIP_PREFIX, TEXT_MODEL_PREFIX)
+def clip_entries(layers: int, prefix: str = CLIP_PREFIX) -> Iterator[Entry]:
+    """Rows of a transformers CLIP text model stored under `prefix` (SD 1.x's, or SDXL's first encoder)."""
+    yield from _entries(_CLIP_TOP, prefix, TEXT_MODEL_PREFIX)
     for layer in range(layers):
         yield from _entries(
-            _CLIP_LAYER, f"{CLIP_PREFIX}encoder.layers.{layer}.", f"{TEXT_MODEL_PREFIX}encoder.layers.{layer}."
+            _CLIP_LAYER, f"{prefix}encoder.layers.{layer}.", f"{TEXT_MODEL_PREFIX}encoder.layers.{layer}."
         )
 
 
-def _open_clip_layer(file_layer: int, model_layer: int) -> Iterator[Entry]:
-    original = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{file_layer}."
+def _open_clip_layer(file_layer: int, model_layer: int, prefix: str = OPEN_CLIP_PREFIX) -> Iterator[Entry]:
+    original = f"{prefix}transformer.resblocks.{file_layer}."
     model = f"{TEXT_MODEL_PREFIX}encoder.layers.{model_layer}."
     yield from _entries(_OPEN_CLIP_LAYER, original, model)
     for param, name in (("weight", "in_proj_weight"), ("bias", "in_proj_bias")):
         yield Entry(f"{original}attn.{name}", tuple(f"{model}self_attn.{qkv}.{param}" for qkv in _QKV), "fused")
 
 
-def _open_clip_entries(layers: int) -> Iterator[Entry]:
-    yield from _entries(_OPEN_CLIP_TOP, OPEN_CLIP_PREFIX, TEXT_MODEL_PREFIX)
+def open_clip_entries(layers: int, prefix: str = OPEN_CLIP_PREFIX) -> Iterator[Entry]:
+    """Rows of an OpenCLIP text tower under `prefix` (SD 2.x's, or SDXL's second encoder), fused q|k|v split."""
+    yield from _entries(_OPEN_CLIP_TOP, prefix, TEXT_MODEL_PREFIX)
     for layer in range(layers):
-        yield from _open_clip_layer(layer, layer)
+        yield from _open_clip_layer(layer, layer, prefix)
 
 
 def _open_clip_last_layer(arch: SDArchitecture) -> KeyMap:
@@ -284,10 +299,10 @@ def _open_clip_last_layer(arch: SDArchitecture) -> KeyMap:
 
 def _component_maps(arch: SDArchitecture) -> dict[str, KeyMap]:
     """`SDComponents` field name -> key map with full original names."""
-    unet = KeyMap(Entry(UNET_PREFIX + e.original, e.model, e.layout) for e in _unet_entries(arch.unet_config))
-    vae = KeyMap(Entry(VAE_PREFIX + e.original, e.model, e.layout) for e in _vae_entries(arch.vae_config))
+    unet = KeyMap(Entry(UNET_PREFIX + e.original, e.model, e.layout) for e in unet_entries(arch.unet_config))
+    vae = KeyMap(Entry(VAE_PREFIX + e.original, e.model, e.layout) for e in vae_entries(arch.vae_config))
     layers = arch.text_config["num_hidden_layers"]
-    text = KeyMap(_open_clip_entries(layers) if arch.v2 else _clip_entries(layers))
+    text = KeyMap(open_clip_entries(layers) if arch.v2 else clip_entries(layers))
     return {"unet": unet, "vae": vae, "text_encoder": text}
 
 
@@ -366,8 +381,8 @@ def split_ldm_vae(state_dict: Mapping[str, Tensor], source: str) -> tuple[dict, 
             )
         skipped = ("loss.", "model_ema.")
         vae_state = {VAE_PREFIX + key: tensor for key, tensor in state_dict.items() if not key.startswith(skipped)}
-    config = _infer_vae_config(_Shapes(vae_state, source))
-    keymap = KeyMap(Entry(VAE_PREFIX + e.original, e.model, e.layout) for e in _vae_entries(config))
+    config = infer_vae_config(Shapes(vae_state, source))
+    keymap = KeyMap(Entry(VAE_PREFIX + e.original, e.model, e.layout) for e in vae_entries(config))
     check_keys(
         vae_state,
         keymap.original_names,
@@ -497,16 +512,16 @@ def infer_architecture(state_dict: Mapping[str, Tensor]) -> SDArchitecture:
         )
     state_dict = _with_canonical_clip_names(state_dict)
     v2 = model_type == "sd2"
-    shapes = _Shapes(state_dict)
+    shapes = Shapes(state_dict)
     return SDArchitecture(
         v2=v2,
-        unet_config=_infer_unet_config(shapes, v2),
-        vae_config=_infer_vae_config(shapes),
+        unet_config=infer_unet_config(shapes, v2),
+        vae_config=infer_vae_config(shapes),
         text_config=_infer_text_config(shapes, v2),
     )
 
 
-class _Shapes:
+class Shapes:
     """Shape and index look-ups on a checkpoint, failing with the name of the key that is missing."""
 
     def __init__(self, state_dict: Mapping[str, Tensor], source: str = "Checkpoint") -> None:
@@ -516,7 +531,7 @@ class _Shapes:
     def __call__(self, key: str) -> tuple[int, ...]:
         if key not in self.state_dict:
             raise CheckpointError(
-                f"{self.source} lacks {key!r}, needed to read the SD 1.x / 2.x architecture; the file is incomplete "
+                f"{self.source} lacks {key!r}, needed to read the model architecture; the file is incomplete "
                 "or not in the original single-file layout."
             )
         return tuple(self.state_dict[key].shape)
@@ -531,19 +546,25 @@ class _Shapes:
         return max(numbers) + 1 if numbers else 0
 
 
-def _infer_unet_config(shapes: _Shapes, v2: bool) -> dict:
+def infer_unet_config(shapes: Shapes, v2: bool) -> dict:
+    """The UNet2DConditionModel config of an LDM / SGM UNet; `v2`: 64-channel heads (SD 2.x and SDXL)."""
     blocks = shapes.count(UNET_PREFIX + "input_blocks.")  # conv_in + per level: resnets and a downsampler
     first_downsampler = next(
         (i for i in range(1, blocks) if shapes.has(f"{UNET_PREFIX}input_blocks.{i}.0.op.weight")), blocks
     )
     per_level = first_downsampler - 1
     if per_level < 1 or blocks % (per_level + 1):
-        raise CheckpointError(f"Checkpoint UNet has {blocks} input blocks, which fits no SD 1.x / 2.x UNet layout.")
+        raise CheckpointError(f"Checkpoint UNet has {blocks} input blocks, which fits no known UNet layout.")
     levels = blocks // (per_level + 1)
     level_blocks = [f"{UNET_PREFIX}input_blocks.{1 + level * (per_level + 1)}." for level in range(levels)]
     channels = tuple(shapes(block + "0.out_layers.3.weight")[0] for block in level_blocks)
     attention = [shapes.has(block + "1.norm.weight") for block in level_blocks]
     mid = UNET_PREFIX + "middle_block.1."
+    # Per level (SDXL: 1, 2, 10); a level without attention gets 1, as in the released diffusers configs.
+    depths = tuple(
+        shapes.count(block + "1.transformer_blocks.") if has_attention else 1
+        for block, has_attention in zip(level_blocks, attention)
+    )
     return {
         "in_channels": shapes(UNET_PREFIX + "input_blocks.0.0.weight")[1],
         "out_channels": shapes(UNET_PREFIX + "out.2.weight")[0],
@@ -551,7 +572,7 @@ def _infer_unet_config(shapes: _Shapes, v2: bool) -> dict:
         "up_block_types": tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
         "block_out_channels": channels,
         "layers_per_block": per_level,
-        "transformer_layers_per_block": shapes.count(mid + "transformer_blocks."),
+        "transformer_layers_per_block": depths[0] if len(set(depths)) == 1 else depths,
         "cross_attention_dim": shapes(mid + "transformer_blocks.0.attn2.to_k.weight")[1],
         # diffusers' `attention_head_dim` is the number of heads here (a known misnomer): SD 1.x uses 8 heads,
         # SD 2.x 64-channel heads.
@@ -561,7 +582,8 @@ def _infer_unet_config(shapes: _Shapes, v2: bool) -> dict:
     }
 
 
-def _infer_vae_config(shapes: _Shapes) -> dict:
+def infer_vae_config(shapes: Shapes) -> dict:
+    """The AutoencoderKL config of an LDM-layout VAE (the scaling factor is the SD VAE's; SDXL sets its own)."""
     encoder = VAE_PREFIX + "encoder."
     levels = shapes.count(encoder + "down.")
     if levels == 0:
@@ -581,7 +603,7 @@ def _infer_vae_config(shapes: _Shapes) -> dict:
     }
 
 
-def _infer_text_config(shapes: _Shapes, v2: bool) -> dict:
+def _infer_text_config(shapes: Shapes, v2: bool) -> dict:
     if v2:
         vocab_size, hidden_size = shapes(OPEN_CLIP_PREFIX + "token_embedding.weight")
         positions = shapes(OPEN_CLIP_PREFIX + "positional_embedding")[0]

@@ -9,6 +9,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from library.training.noise import NoiseOptions
+
 
 @dataclass
 class LoadedModels:
@@ -65,8 +67,20 @@ class ModelFamily(ABC):
         """Captions -> the conditioning tensors `predict` takes."""
 
     @abstractmethod
-    def training_inputs(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> TrainingInputs:
+    def training_inputs(
+        self, latents: torch.Tensor, generator: torch.Generator | None, noise: NoiseOptions
+    ) -> TrainingInputs:
         """Noise the latents at sampled timesteps and give the target the denoiser should predict."""
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor | None:
+        """The DDPM schedule's cumulative alphas (for SNR-based loss weights); None for flow-matching families."""
+        return None
+
+    @property
+    def v_prediction(self) -> bool:
+        """Whether the denoiser predicts v (changes SNR-based weights)."""
+        return False
 
     @abstractmethod
     def predict(

@@ -14,6 +14,7 @@ from library.checkpoints.files import load_state_dict
 from library.checkpoints.tokenizers import load_clip_tokenizer
 from library.errors import CheckpointError, ConfigError
 from library.families.base import LoadedModels, ModelFamily, TrainingInputs
+from library.training.noise import NoiseOptions, perturb_input_noise, sample_noise, sample_timesteps
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +39,12 @@ class SDOptions:
     vae: str | None
     tokenizer_cache_dir: str | None
     allow_pickle: bool
+    no_token_padding: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "SDOptions":
         return cls(
+            no_token_padding=getattr(args, "no_token_padding", False),
             pretrained_model_name_or_path=args.pretrained_model_name_or_path,
             v2=args.v2,
             v_parameterization=args.v_parameterization,
@@ -141,11 +144,22 @@ class SDFamily(ModelFamily):
             default=None,
             help="folder to read the tokenizer from, or to save it in on first use (for offline training)",
         )
+        parser.add_argument(
+            "--no_token_padding",
+            action="store_true",
+            help="do not pad captions to 77 tokens: each batch is padded only to its longest caption (the behaviour "
+            "of the early diffusers DreamBooth); needs 75-token captions",
+        )
 
     def validate(self) -> None:
         options = self.options
         if options.clip_skip is not None and options.clip_skip < 1:
             raise ConfigError(f"--clip_skip must be 1 or more, got {options.clip_skip}")
+        if options.no_token_padding and options.max_token_length != TOKENS_PER_CHUNK:
+            raise ConfigError(
+                f"--no_token_padding works with 75-token captions only; remove it or --max_token_length "
+                f"{options.max_token_length}"
+            )
         if options.v_parameterization and not options.v2:
             logger.warning("--v_parameterization without --v2: fine for v-prediction SD 1.x models, unusual otherwise")
         path = options.pretrained_model_name_or_path
@@ -258,7 +272,12 @@ class SDFamily(ModelFamily):
         return latents * models.vae.config.scaling_factor
 
     def tokenize(self, tokenizer, captions: list[str]) -> torch.Tensor:
-        """Token ids (B, chunks * 77): each 75-token chunk of the caption as its own BOS ... EOS sequence."""
+        """Token ids (B, chunks * 77): each 75-token chunk of the caption as its own BOS ... EOS sequence.
+
+        With --no_token_padding: (B, L), BOS + caption + EOS padded only to the batch's longest (L <= 77).
+        """
+        if self.options.no_token_padding:
+            return tokenize_unpadded(tokenizer, captions)
         chunks = self.options.max_token_length // TOKENS_PER_CHUNK
         content = tokenizer(
             captions, add_special_tokens=False, truncation=True, max_length=chunks * TOKENS_PER_CHUNK
@@ -272,6 +291,8 @@ class SDFamily(ModelFamily):
     def encode_text(self, models: LoadedModels, captions: list[str]) -> dict[str, torch.Tensor]:
         text_encoder = models.text_encoders[0]
         ids = self.tokenize(models.tokenizers[0], captions).to(text_encoder.device)
+        if self.options.no_token_padding:  # one chunk of the batch's own length
+            return {"encoder_hidden_states": self._text_hidden_states(text_encoder, ids)}
         batch, length = ids.shape
         chunks = length // (TOKENS_PER_CHUNK + 2)
         hidden = self._text_hidden_states(text_encoder, ids.reshape(batch * chunks, TOKENS_PER_CHUNK + 2))
@@ -286,19 +307,29 @@ class SDFamily(ModelFamily):
         final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
         return final_norm(output.hidden_states[-clip_skip])
 
-    def training_inputs(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> TrainingInputs:
+    def training_inputs(
+        self, latents: torch.Tensor, generator: torch.Generator | None, noise: NoiseOptions
+    ) -> TrainingInputs:
         batch = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        timesteps = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (batch,), device=latents.device, generator=generator
-        )
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        noise_options = noise
+        noise = sample_noise(latents, noise_options, generator)
+        num_timesteps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = sample_timesteps(batch, num_timesteps, noise_options, generator, latents.device)
+        noisy = self.noise_scheduler.add_noise(latents, perturb_input_noise(noise, noise_options, generator), timesteps)
         if self.options.v_parameterization:
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
         weights = torch.ones(batch, device=latents.device, dtype=torch.float32)
         return TrainingInputs(noisy, timesteps, target, weights)
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.noise_scheduler.alphas_cumprod
+
+    @property
+    def v_prediction(self) -> bool:
+        return self.options.v_parameterization
 
     def predict(self, models, noisy_latents, timesteps, conditioning) -> torch.Tensor:
         unet = models.denoiser
@@ -307,6 +338,15 @@ class SDFamily(ModelFamily):
 
     def network_text_encoders(self, models: LoadedModels) -> list[torch.nn.Module]:
         return [with_text_model_level(encoder) for encoder in models.text_encoders]
+
+    # ---- saving --------------------------------------------------------------------------------------------
+
+    def save_model(
+        self, models: LoadedModels, path: str, save_as: str, dtype: torch.dtype | None, metadata: dict[str, str]
+    ) -> None:
+        from library.checkpoints.sd_save import save_sd_model
+
+        save_sd_model(models, path, save_as, dtype, metadata, self.options.v2, self.options.v_parameterization)
 
     # ---- metadata ------------------------------------------------------------------------------------------
 
@@ -363,6 +403,15 @@ def frame_token_chunks(ids: list[int], chunks: int, bos: int, eos: int, pad: int
         sequence = [bos, *ids[index * TOKENS_PER_CHUNK : (index + 1) * TOKENS_PER_CHUNK], eos]
         framed += sequence + [pad] * (TOKENS_PER_CHUNK + 2 - len(sequence))
     return framed
+
+
+def tokenize_unpadded(tokenizer, captions: list[str]) -> torch.Tensor:
+    """(B, L): BOS, at most 75 caption tokens, EOS; shorter captions padded to the longest caption of the batch."""
+    content = tokenizer(captions, add_special_tokens=False, truncation=True, max_length=TOKENS_PER_CHUNK).input_ids
+    sequences = [[tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] for ids in content]
+    length = max(len(sequence) for sequence in sequences)
+    padded = [sequence + [tokenizer.pad_token_id] * (length - len(sequence)) for sequence in sequences]
+    return torch.tensor(padded, dtype=torch.long)
 
 
 def merge_chunk_states(hidden: torch.Tensor) -> torch.Tensor:

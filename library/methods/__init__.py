@@ -6,6 +6,9 @@ import importlib
 
 METHODS: dict[str, str] = {
     "network": "library.methods.network:NetworkMethod",
+    "dreambooth": "library.methods.finetune:DreamBoothMethod",
+    "finetune": "library.methods.finetune:FineTuneMethod",
+    "textual_inversion": "library.methods.textual_inversion:TextualInversionMethod",
 }
 
 

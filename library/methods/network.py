@@ -99,15 +99,16 @@ class NetworkMethod(TrainingMethod):
         args = self.args
         visible = family.network_text_encoders(models)
         text_encoders = visible[0] if len(visible) == 1 else visible
+        denoiser = family.network_denoiser(models)
         kwargs = dict(self.network_kwargs)
         if args.network_dropout is not None:
             kwargs["neuron_dropout"] = args.network_dropout
         network = self.module.create_network(
-            1.0, args.network_dim, args.network_alpha, models.vae, text_encoders, models.denoiser, **kwargs
+            1.0, args.network_dim, args.network_alpha, models.vae, text_encoders, denoiser, **kwargs
         )
         if network is None:
             raise ConfigError(f"{args.network_module}.create_network returned no network for these options")
-        network.apply_to(text_encoders, models.denoiser, self.trains_text_encoder, self.train_unet)
+        network.apply_to(text_encoders, denoiser, self.trains_text_encoder, self.train_unet)
         if args.network_weights:
             info = network.load_weights(args.network_weights)
             logger.info("loaded network weights from %s: %s", args.network_weights, info)
@@ -115,15 +116,20 @@ class NetworkMethod(TrainingMethod):
             network.enable_gradient_checkpointing()
         self.network = network
         self.network_shape = network_shape(network)
-        return self._param_groups(network)
+        return self._param_groups(network, family.text_encoder_learning_rates(args.text_encoder_lr))
 
-    def _param_groups(self, network) -> list[dict]:
+    def _param_groups(self, network, text_encoder_lrs: list[float | None]) -> list[dict]:
         args = self.args
-        text_encoder_lr = args.text_encoder_lr if self.trains_text_encoder else 0.0
+        # One rate for all encoders as a plain number: third-party plugins may not take a list.
+        text_encoder_lr = text_encoder_lrs[0] if len(set(text_encoder_lrs)) == 1 else text_encoder_lrs
+        if not self.trains_text_encoder:
+            text_encoder_lr = 0.0
         unet_lr = args.unet_lr if self.train_unet else 0.0
         groups = network.prepare_optimizer_params(text_encoder_lr, unet_lr, args.learning_rate)
-        if isinstance(groups, tuple):  # newer plugins return (groups, descriptions)
-            groups = groups[0]
+        if isinstance(groups, tuple):  # newer plugins return (groups, descriptions): the names label the logs
+            groups, names = groups
+            for group, name in zip(groups, names):
+                group.setdefault("name", name.replace(" ", "_") or "network")
         groups = [group for group in groups if group.get("lr", args.learning_rate) != 0]
         if not groups:
             raise ConfigError("nothing to train: every part of the network has learning rate 0 or is disabled")

@@ -133,3 +133,84 @@ def open_clip_h_config() -> dict:
         hidden_act="gelu",
         projection_dim=1024,
     )
+
+
+# SDXL -----------------------------------------------------------------------------------------------------------
+# Tiny SDXL follows the released layout: no attention in the first level, deeper transformers further down,
+# 64-channel heads, linear projections, a `text_time` addition embedding fed by encoder 2's pooled output. The two
+# text encoders differ in width (32 and 48) and encoder 2 projects to 40, so a swapped encoder or an untransposed
+# text projection shows up as a shape error.
+
+
+def tiny_sdxl_unet_config() -> dict:
+    """Three levels like SDXL (so its 23 UNet blocks): context 32 + 48, pooled 40 + 6 x 8 size embeddings."""
+    return dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 32, 64),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 1, 2),
+        cross_attention_dim=80,
+        attention_head_dim=(1, 1, 1),
+        norm_num_groups=32,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=88,
+    )
+
+
+def tiny_sdxl_vae_config() -> dict:
+    """The tiny VAE with the SDXL VAE's latent scale."""
+    return dict(tiny_vae_config(), scaling_factor=0.13025, force_upcast=True)
+
+
+def tiny_sdxl_text_encoder_configs() -> tuple[dict, dict]:
+    """(CLIP ViT-L-like encoder 1, OpenCLIP bigG-like encoder 2 with a 40-wide projection)."""
+    clip_l = tiny_text_encoder_config(v2=False)
+    big_g = dict(
+        tiny_text_encoder_config(v2=True), hidden_size=48, intermediate_size=96, projection_dim=40, num_attention_heads=1
+    )
+    return clip_l, big_g
+
+
+def sdxl_unet_config() -> dict:
+    """The released SDXL 1.0 base UNet."""
+    return dict(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 10),
+        cross_attention_dim=2048,
+        attention_head_dim=(5, 10, 20),
+        norm_num_groups=32,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+
+
+def sdxl_vae_config() -> dict:
+    """The released SDXL VAE (the SD VAE architecture with another latent scale)."""
+    return dict(sd_vae_config(), sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+
+
+def open_clip_bigg_config() -> dict:
+    """OpenCLIP ViT-bigG/14 text encoder used by SDXL as encoder 2 (all 32 layers, 1280-wide projection)."""
+    return dict(
+        clip_l_config(),
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_hidden_layers=32,
+        num_attention_heads=20,
+        hidden_act="gelu",
+        projection_dim=1280,
+    )

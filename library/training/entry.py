@@ -18,6 +18,8 @@ def build_parser(family_class, method_class, description: str) -> argparse.Argum
     from library.checkpoints.files import add_checkpoint_arguments
     from library.data.dataset import add_dataset_arguments
     from library.training.loop_options import add_loop_arguments
+    from library.training.loss import add_loss_arguments
+    from library.training.noise import add_noise_arguments
     from library.training.optimizers import add_optimizer_arguments
     from library.training.saving import add_saving_arguments
     from library.training.tracking import add_tracking_arguments
@@ -30,6 +32,8 @@ def build_parser(family_class, method_class, description: str) -> argparse.Argum
     add_dataset_arguments(parser.add_argument_group("dataset"))
     add_loop_arguments(parser.add_argument_group("training"))
     add_optimizer_arguments(parser.add_argument_group("optimizer"))
+    add_noise_arguments(parser.add_argument_group("noise and timesteps"))
+    add_loss_arguments(parser.add_argument_group("loss"))
     add_saving_arguments(parser.add_argument_group("saving and resuming"))
     add_tracking_arguments(parser.add_argument_group("logging"))
     add_checkpoint_arguments(parser.add_argument_group("checkpoint files"))
@@ -43,6 +47,8 @@ def configure_logging() -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # peft imports bitsandbytes when installed; its CPU backend warns about optional kernels on every start.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def run_training(family_id: str, method_id: str, description: str, argv: list[str] | None = None) -> None:

@@ -11,14 +11,21 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from library.families.base import LoadedModels, ModelFamily
 from library.methods.base import TrainingMethod
 from library.training import metadata as md
 from library.training.interrupts import StopRequest, TrainingInterrupted
 from library.training.loop_options import LoopOptions
-from library.training.optimizers import OptimizerOptions, build_lr_scheduler, build_optimizer
+from library.training.loss import LossOptions, per_sample_loss
+from library.training.noise import NoiseOptions
+from library.training.optimizers import (
+    OptimizerOptions,
+    build_lr_scheduler,
+    build_optimizer,
+    current_learning_rates,
+    set_optimizer_mode,
+)
 from library.training.saving import SaveOptions, remove_path, step_saves
 from library.training.state import Position, load_state, read_position, save_state
 from library.training.tracking import TrackingOptions, start_trackers
@@ -58,6 +65,8 @@ class Options:
     saving: SaveOptions
     tracking: TrackingOptions
     optimizer: OptimizerOptions
+    noise: NoiseOptions
+    loss: LossOptions
 
 
 @dataclass
@@ -91,6 +100,8 @@ def parse_options(args: argparse.Namespace) -> Options:
         SaveOptions.from_args(args),
         TrackingOptions.from_args(args),
         OptimizerOptions.from_args(args),
+        NoiseOptions.from_args(args),
+        LossOptions.from_args(args),
     )
 
 
@@ -101,6 +112,7 @@ def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace)
     options = parse_options(args)
     family.validate()
     method.validate()
+    options.loss.check_objective(family.v_prediction, has_noise_schedule=family.alphas_cumprod is not None)
     resume_position = read_position(options.saving.resume) if options.saving.resume else None
     _choose_seed(options.loop, resume_position)
     dataset = build_dataset_group(args, seed=options.loop.seed, prior_loss_weight=args.prior_loss_weight)
@@ -121,12 +133,13 @@ def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace)
     param_groups = method.setup(family, models)
     family.before_training(models, dataset)
 
-    dataloader = dataset.make_dataloader(args.max_data_loader_n_workers, args.persistent_data_loader_workers)
+    dataloader = _make_dataloader(dataset, accelerator, args)
     schedule = _make_schedule(options.loop, len(dataloader))
     optimizer = build_optimizer(options.optimizer, param_groups)
-    lr_scheduler = build_lr_scheduler(options.optimizer, optimizer, schedule.total_steps)
-    prepared = accelerator.prepare(*method.trainable_modules(), optimizer, dataloader, lr_scheduler)
-    optimizer, dataloader, lr_scheduler = prepared[-3:]
+    # accelerate steps a prepared scheduler once per process for every optimizer step
+    lr_scheduler = build_lr_scheduler(options.optimizer, optimizer, schedule.total_steps * accelerator.num_processes)
+    prepared = accelerator.prepare(*method.trainable_modules(), optimizer, lr_scheduler)
+    optimizer, lr_scheduler = prepared[-2:]
 
     generator = torch.Generator(device=accelerator.device).manual_seed(options.loop.seed)
     base_metadata = _base_metadata(family, method, options, dataset, schedule, started, args)
@@ -186,6 +199,19 @@ def _place_models(models: LoadedModels, device: torch.device, loop: LoopOptions,
                 text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def _make_dataloader(dataset, accelerator, args: argparse.Namespace):
+    """The loader of this process's share of every batch, on the accelerator's device.
+
+    The dataset group splits each batch among the processes itself (every rank gets the same bucket at each step),
+    so the loader is wrapped for device placement and skipping only, not sharded again by accelerate.
+    """
+    from accelerate.data_loader import prepare_data_loader
+
+    dataset.set_processes(accelerator.num_processes, accelerator.process_index)
+    loader = dataset.make_dataloader(args.max_data_loader_n_workers, args.persistent_data_loader_workers)
+    return prepare_data_loader(loader, accelerator.device, num_processes=1, process_index=0, put_on_device=True)
+
+
 def _make_schedule(loop: LoopOptions, steps_per_epoch: int) -> Schedule:
     if loop.max_train_epochs is not None:
         num_epochs = loop.max_train_epochs
@@ -221,7 +247,7 @@ def _train_epochs(run: Run) -> None:
         # (which fixes the data order) is set through the loader.
         loader.set_epoch(state.epoch)
         run.method.on_epoch_start(run.models)
-        for batch in loader:
+        for batch in _batches(loader):
             loss = _train_step(run, batch)
             state.global_step += 1
             state.step_in_epoch += 1
@@ -235,6 +261,23 @@ def _train_epochs(run: Run) -> None:
     progress.close()
 
 
+def _batches(loader):
+    """Iterate a loader without letting it consume torch's global RNG.
+
+    Starting a DataLoader iterator draws a seed from the global generator. A resumed run starts its iterator at
+    another point than the uninterrupted run did, so that draw would shift every later global draw (VAE sampling,
+    dropout) and the runs would drift apart; restoring the state after the draw keeps them identical.
+    """
+    rng_state = torch.random.get_rng_state()
+    iterator = iter(loader)
+    first = next(iterator, None)
+    torch.random.set_rng_state(rng_state)
+    if first is None:
+        return
+    yield first
+    yield from iterator
+
+
 def _train_step(run: Run, batch: dict) -> torch.Tensor:
     family, models, accelerator = run.family, run.models, run.accelerator
     run.method.on_step_start(models, run.state.global_step)
@@ -245,12 +288,21 @@ def _train_step(run: Run, batch: dict) -> torch.Tensor:
             latents = family.scale_latents(models, raw.to(accelerator.device))
         with torch.set_grad_enabled(run.method.trains_text_encoder):
             conditioning = family.encode_conditioning(models, run.method.prepare_captions(batch["captions"]), batch)
-        inputs = family.training_inputs(latents, run.generator)
+        inputs = family.training_inputs(latents, run.generator, run.options.noise)
         prediction = family.predict(models, inputs.noisy_latents, inputs.timesteps, conditioning)
-    per_sample = F.mse_loss(prediction.float(), inputs.target.float(), reduction="none")
-    per_sample = per_sample.mean(dim=list(range(1, per_sample.ndim)))  # (B,)
-    weights = inputs.weights * batch["loss_weights"].to(per_sample.device)
-    loss = (per_sample * weights).mean()
+    alphas_cumprod = family.alphas_cumprod
+    masks = batch.get("masks") if run.options.loss.masked_loss else None
+    per_sample = per_sample_loss(
+        prediction,
+        inputs.target,
+        inputs.timesteps,
+        alphas_cumprod.to(accelerator.device) if alphas_cumprod is not None else None,
+        run.options.loss,
+        family.v_prediction,
+        masks=masks.to(accelerator.device) if masks is not None else None,
+        loss_weights=inputs.weights * batch["loss_weights"].to(accelerator.device),
+    )  # (B,)
+    loss = per_sample.mean()
     accelerator.backward(loss)
     if run.options.optimizer.max_grad_norm > 0:
         accelerator.clip_grad_norm_(_trainable_parameters(run), run.options.optimizer.max_grad_norm)
@@ -274,15 +326,12 @@ def _track_loss(run: Run, loss: torch.Tensor, progress) -> None:
         progress.set_postfix(loss=f"{current:.4f}", avg=f"{average:.4f}")
         if run.options.tracking.trackers:
             logs = {"loss/current": current, "loss/average": average}
-            logs.update({f"lr/{name}": lr for name, lr in _learning_rates(run).items()})
+            logs.update(_learning_rates(run))
             run.accelerator.log(logs, step=state.global_step)
 
 
 def _learning_rates(run: Run) -> dict[str, float]:
-    rates = {}
-    for index, group in enumerate(run.optimizer.param_groups):
-        rates[str(group.get("name", index))] = float(group["lr"])
-    return rates
+    return current_learning_rates(run.optimizer, run.lr_scheduler)
 
 
 def _after_step(run: Run) -> None:
@@ -349,6 +398,8 @@ def _save_result(run: Run, name: str) -> str:
     path = os.path.join(run.options.saving.output_dir, name + run.method.output_extension())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        # Schedule-free optimizers hold training-point weights; the evaluation point is what gets saved.
+        set_optimizer_mode(run.optimizer, training=False)
         metadata = dict(run.base_metadata)
         metadata.update(
             {
@@ -358,6 +409,7 @@ def _save_result(run: Run, name: str) -> str:
             }
         )
         run.method.save(path, metadata, accelerator.unwrap_model)
+        set_optimizer_mode(run.optimizer, training=True)
         logger.info("saved %s", path)
     return path
 
@@ -380,9 +432,19 @@ def _tracker_config(args: argparse.Namespace) -> dict:
     return {key: value for key, value in vars(args).items() if key not in md.SECRET_OPTIONS and value is not None}
 
 
+def _model_spec_resolution(summary: dict) -> tuple[int, int]:
+    """The first dataset's resolution; with prepared latents (no resolution given) its most used bucket."""
+    if not summary.get("datasets"):
+        return (512, 512)
+    first = summary["datasets"][0]
+    if first["resolution"] is not None:
+        return tuple(first["resolution"])
+    return tuple(max(first["buckets"], key=lambda bucket: bucket[1])[0])
+
+
 def _base_metadata(family, method, options: Options, dataset, schedule, started, args) -> dict[str, str]:
     summary = dataset.summary()
-    resolution = summary["datasets"][0]["resolution"] if summary.get("datasets") else (512, 512)
+    resolution = _model_spec_resolution(summary)
     loop, optimizer = options.loop, options.optimizer
     values = {
         **started,

@@ -1,0 +1,147 @@
+"""Text-encoder output cache: every caption of a dataset encoded once before training, kept in memory and
+optionally on disk next to its image, keyed by content (the caption and the encoders), so a changed caption or
+another model never reuses a stale file.
+
+Caching needs each image to have one fixed caption, so options that change captions at every use are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from library.atomic import atomic_path
+from library.data.captions import CaptionOptions, make_caption
+from library.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Subset options that make a caption differ between uses, with the test telling whether a value does so.
+VARIABLE_CAPTION_OPTIONS: dict[str, Callable[[object], bool]] = {
+    "shuffle_caption": bool,
+    "caption_dropout_rate": lambda value: (value or 0) > 0,
+    "caption_dropout_every_n_epochs": lambda value: (value or 0) > 0,
+    "caption_tag_dropout_rate": lambda value: (value or 0) > 0,
+    "enable_wildcard": bool,
+}
+CACHE_KEY = "text_cache_key"  # safetensors metadata entry holding the content key of a cache file
+
+Encoder = Callable[[list[str]], dict[str, torch.Tensor]]  # captions -> tensors with the batch first
+
+
+def check_fixed_captions(group, option: str) -> None:
+    """Raise ConfigError naming the subset and option when a subset's captions change between uses."""
+    for dataset in group.datasets:
+        for subset in dataset.subsets:
+            varying = [name for name, test in VARIABLE_CAPTION_OPTIONS.items() if test(getattr(subset, name, None))]
+            if varying:
+                raise ConfigError(
+                    f"{dataset.source}: {subset.where} sets {', '.join(varying)}, which changes the caption at every "
+                    f"use, but {option} encodes each caption once. Remove {option} or those subset options."
+                )
+
+
+def fixed_captions(group) -> list[tuple[str, str]]:
+    """(image path, caption) of every image of every dataset, captions as the dataset engine makes them."""
+    rng = np.random.default_rng(0)  # unused: the captions have no random part (check_fixed_captions)
+    items = []
+    for dataset in group.datasets:
+        options = [CaptionOptions.of(subset) for subset in dataset.subsets]
+        for index, (path, stored) in enumerate(zip(dataset.image_paths, dataset.captions, strict=True)):
+            items.append((path, make_caption(stored, options[int(dataset.subset_of_image[index])], rng)))
+    return items
+
+
+def content_key(fingerprint: str, caption: str) -> str:
+    """The key of one cache entry: the encoders' fingerprint and the caption, hashed."""
+    return hashlib.sha256(f"{fingerprint}\0{caption}".encode()).hexdigest()
+
+
+class TextOutputCache:
+    """Encoded captions by caption text (CPU tensors without the batch dimension)."""
+
+    def __init__(self, fingerprint: str, file_suffix: str | None = None) -> None:
+        self.fingerprint = fingerprint
+        self.file_suffix = file_suffix  # e.g. "_sdxl_te.safetensors"; None keeps the cache in memory only
+        self.entries: dict[str, dict[str, torch.Tensor]] = {}
+
+    def cache_path(self, image_path: str) -> str:
+        return os.path.splitext(image_path)[0] + self.file_suffix
+
+    def fill(self, items: Iterable[tuple[str, str]], encode: Encoder, batch_size: int = 8) -> tuple[int, int]:
+        """Encode the captions not cached yet; returns (captions encoded, files read). Writes missing files."""
+        files_read = 0
+        pending: dict[str, list[str]] = {}  # caption -> image paths whose cache file must be (re)written
+        for path, caption in items:
+            if self.file_suffix is None:
+                pending.setdefault(caption, [])
+            elif self._valid_file(path, caption):
+                files_read += caption not in self.entries and self._read(path, caption)
+            else:
+                pending.setdefault(caption, []).append(path)
+        captions = [caption for caption in pending if caption not in self.entries]
+        for start in range(0, len(captions), batch_size):
+            chunk = captions[start : start + batch_size]
+            with torch.no_grad():
+                outputs = encode(chunk)
+            for row, caption in enumerate(chunk):
+                self.entries[caption] = {name: value[row].detach().cpu().clone() for name, value in outputs.items()}
+        for caption, paths in pending.items():
+            for path in paths:
+                self._write(path, caption)
+        return len(captions), files_read
+
+    def lookup(self, captions: list[str], device: torch.device | str) -> dict[str, torch.Tensor]:
+        """The cached outputs of a batch's captions, stacked on `device`."""
+        missing = [caption for caption in captions if caption not in self.entries]
+        if missing:
+            raise RuntimeError(
+                f"text-encoder cache has no entry for caption {missing[0]!r}; it was filled from "
+                "other captions than the dataset produces"
+            )
+        names = self.entries[captions[0]].keys()
+        return {name: torch.stack([self.entries[c][name] for c in captions]).to(device) for name in names}
+
+    def _file_key(self, path: str) -> str | None:
+        file = self.cache_path(path)
+        if not os.path.isfile(file):
+            return None
+        try:
+            with safe_open(file, framework="pt") as handle:
+                return (handle.metadata() or {}).get(CACHE_KEY)
+        except (OSError, SafetensorError):  # a damaged file is rewritten
+            return None
+
+    def _valid_file(self, path: str, caption: str) -> bool:
+        return self._file_key(path) == content_key(self.fingerprint, caption)
+
+    def _read(self, path: str, caption: str) -> bool:
+        with safe_open(self.cache_path(path), framework="pt") as handle:
+            self.entries[caption] = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (the handle is not iterable)
+        return True
+
+    def _write(self, path: str, caption: str) -> None:
+        tensors = {name: value.contiguous() for name, value in self.entries[caption].items()}
+        with atomic_path(self.cache_path(path)) as temp:
+            save_file(tensors, temp, metadata={CACHE_KEY: content_key(self.fingerprint, caption)})
+
+
+def tensors_fingerprint(tensors: Iterable[torch.Tensor], *settings: object) -> str:
+    """A short hash of model weights and settings: what makes cached outputs valid.
+
+    Each tensor enters by its shape and its float64 sum and sum of squares, computed where it lives: any training
+    of the encoders changes them, at a fraction of the cost of hashing every byte.
+    """
+    tensors = list(tensors)
+    digest = hashlib.sha256(repr((settings, [tuple(t.shape) for t in tensors])).encode())
+    with torch.no_grad():
+        sums = [torch.stack([t.double().sum(), t.double().square().sum()]).cpu() for t in tensors]
+    digest.update(torch.cat(sums).numpy().tobytes())
+    return digest.hexdigest()[:32]
