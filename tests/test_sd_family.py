@@ -130,3 +130,11 @@ def test_objective_target_is_noise_or_velocity(tiny_models_dir, v_parameterizati
     torch.testing.assert_close(inputs.noisy_latents, alphas.sqrt() * latents + (1 - alphas).sqrt() * noise)
     expected = alphas.sqrt() * noise - (1 - alphas).sqrt() * latents if v_parameterization else noise
     torch.testing.assert_close(inputs.target, expected)
+
+
+def test_shared_tokenizer_cache_gives_each_version_its_padding(tmp_path):
+    shared = str(tmp_path / "shared")
+    v1 = load_clip_tokenizer(v2=False, cache_dir=shared)
+    v2 = load_clip_tokenizer(v2=True, cache_dir=shared)
+    again_v1 = load_clip_tokenizer(v2=False, cache_dir=shared)
+    assert (v1.pad_token, v2.pad_token, again_v1.pad_token) == ("<|endoftext|>", "!", "<|endoftext|>")

@@ -100,6 +100,12 @@ def _try_load(source: str, **kwargs):
     return tokenizer
 
 
+def _with_pad_token(tokenizer, pad_token: str):
+    if tokenizer.pad_token != pad_token:
+        tokenizer.pad_token = pad_token
+    return tokenizer
+
+
 def load_clip_tokenizer(v2: bool, model_dir: str | None = None, cache_dir: str | None = None):
     """The SD tokenizer, looked up in order: the diffusers folder, `cache_dir`, the hub cache, open-clip-torch.
 
@@ -110,15 +116,17 @@ def load_clip_tokenizer(v2: bool, model_dir: str | None = None, cache_dir: str |
         tokenizer = _try_load(os.path.join(model_dir, "tokenizer"))
         if tokenizer is not None:
             return tokenizer
+    # The vocabulary is the same for SD 1.x and 2.x; only the padding token differs, so a shared cache folder or
+    # the hub cache is used with the padding of the model at hand.
     if cache_dir is not None and os.path.isfile(os.path.join(cache_dir, "vocab.json")):
         tokenizer = _try_load(cache_dir)
         if tokenizer is not None:
-            return tokenizer
+            return _with_pad_token(tokenizer, pad_token)
     repo, subfolder = (SD2_TOKENIZER_REPO, "tokenizer") if v2 else (SD1_TOKENIZER_REPO, None)
     kwargs = {"subfolder": subfolder} if subfolder else {}
     tokenizer = _try_load(repo, local_files_only=True, **kwargs)
     if tokenizer is not None:
-        return tokenizer
+        return _with_pad_token(tokenizer, pad_token)
     target = cache_dir
     if target is None:
         import tempfile

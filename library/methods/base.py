@@ -25,6 +25,11 @@ class TrainingMethod(ABC):
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """Add the method's own options."""
 
+    @classmethod
+    def default_options(cls) -> dict:
+        """Defaults of shared options that suit this method better (e.g. a learning rate); applied by the parser."""
+        return {}
+
     @abstractmethod
     def validate(self) -> None:
         """Check the method's options before any model loads."""

@@ -106,6 +106,11 @@ class TextualInversionMethod(TrainingMethod):
     name = "textual_inversion"
     adapter = "textual-inversion"
 
+    @classmethod
+    def default_options(cls) -> dict:
+        # A handful of embedding vectors learns nothing at full-model rates (the shared default is 2e-6).
+        return {"learning_rate": 5e-3}
+
     def __init__(self, args: argparse.Namespace):
         super().__init__(args)
         self.embedding: AddedTokenEmbedding | None = None

@@ -37,6 +37,7 @@ def build_parser(family_class, method_class, description: str) -> argparse.Argum
     add_saving_arguments(parser.add_argument_group("saving and resuming"))
     add_tracking_arguments(parser.add_argument_group("logging"))
     add_checkpoint_arguments(parser.add_argument_group("checkpoint files"))
+    parser.set_defaults(**method_class.default_options())
     return parser
 
 

@@ -131,7 +131,8 @@ def remove_path(path: str) -> None:
 
 def step_saves(output_dir: str, output_name: str) -> list[tuple[int, str]]:
     """(step, path) of every step save of this run's name in `output_dir`, results and states."""
-    pattern = re.compile(re.escape(output_name) + r"-step(\d{8})(?:-state|\.[A-Za-z0-9_]+)$")
+    # results are files with an extension, or folders (diffusers format); states are -state folders
+    pattern = re.compile(re.escape(output_name) + r"-step(\d{8})(?:-state|\.[A-Za-z0-9_]+)?$")
     found = []
     for entry in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
         match = pattern.match(entry)

@@ -138,8 +138,12 @@ def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace)
     optimizer = build_optimizer(options.optimizer, param_groups)
     # accelerate steps a prepared scheduler once per process for every optimizer step
     lr_scheduler = build_lr_scheduler(options.optimizer, optimizer, schedule.total_steps * accelerator.num_processes)
-    prepared = accelerator.prepare(*method.trainable_modules(), optimizer, lr_scheduler)
-    optimizer, lr_scheduler = prepared[-2:]
+    # The trained modules are not wrapped by accelerate: the forward pass reaches them through the frozen models
+    # (LoRA hooks, a UNet inside the family's code), never through a DDP wrapper, so gradients are averaged by
+    # hand across processes (_average_gradients) and the modules are registered only for state saving.
+    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    for module in method.trainable_modules():
+        accelerator.register_for_checkpointing(module)
 
     generator = torch.Generator(device=accelerator.device).manual_seed(options.loop.seed)
     base_metadata = _base_metadata(family, method, options, dataset, schedule, started, args)
@@ -304,12 +308,41 @@ def _train_step(run: Run, batch: dict) -> torch.Tensor:
     )  # (B,)
     loss = per_sample.mean()
     accelerator.backward(loss)
+    if accelerator.num_processes > 1:
+        _average_gradients(_trainable_parameters(run), accelerator.num_processes)
     if run.options.optimizer.max_grad_norm > 0:
         accelerator.clip_grad_norm_(_trainable_parameters(run), run.options.optimizer.max_grad_norm)
     run.optimizer.step()
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return loss.detach()
+
+
+def _average_gradients(parameters: list[torch.nn.Parameter], num_processes: int) -> None:
+    """All-reduce the gradients (in buckets of at most 2**24 values) and divide by the number of processes."""
+    import torch.distributed as dist
+
+    grads = [param.grad for param in parameters if param.grad is not None]
+    for bucket in _buckets(grads, 2**24):
+        flat = torch.cat([grad.reshape(-1) for grad in bucket])
+        dist.all_reduce(flat)
+        flat /= num_processes
+        for grad, part in zip(bucket, flat.split([grad.numel() for grad in bucket])):
+            grad.copy_(part.view_as(grad))
+
+
+def _buckets(tensors: list[torch.Tensor], limit: int):
+    """Consecutive groups of tensors with at most `limit` values each (a larger tensor forms its own group)."""
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for tensor in tensors:
+        if bucket and size + tensor.numel() > limit:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(tensor)
+        size += tensor.numel()
+    if bucket:
+        yield bucket
 
 
 def _trainable_parameters(run: Run) -> list[torch.nn.Parameter]:
