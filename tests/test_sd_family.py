@@ -138,3 +138,17 @@ def test_shared_tokenizer_cache_gives_each_version_its_padding(tmp_path):
     v2 = load_clip_tokenizer(v2=True, cache_dir=shared)
     again_v1 = load_clip_tokenizer(v2=False, cache_dir=shared)
     assert (v1.pad_token, v2.pad_token, again_v1.pad_token) == ("<|endoftext|>", "!", "<|endoftext|>")
+
+
+def test_weighted_captions_scale_token_states_and_keep_their_mean(tiny_models_dir, tokenizer_dir):
+    path = os.path.join(tiny_models_dir, "sd1.safetensors")
+    plain = SDFamily(family_args(path, tokenizer_cache_dir=tokenizer_dir))
+    weighted = SDFamily(family_args(path, tokenizer_cache_dir=tokenizer_dir, weighted_captions=True))
+    models = plain.load(torch.float32)
+    with torch.no_grad():
+        reference = plain.encode_text(models, ["a red dog"])["encoder_hidden_states"]
+        neutral = weighted.encode_text(models, ["a red dog"])["encoder_hidden_states"]
+        emphasised = weighted.encode_text(models, ["a (red:1.5) dog"])["encoder_hidden_states"]
+    torch.testing.assert_close(neutral, reference)  # no markup: same as unweighted
+    assert not torch.allclose(emphasised, reference)
+    torch.testing.assert_close(emphasised.mean(), reference.mean())  # mean-preserving rescale

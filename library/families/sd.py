@@ -14,6 +14,7 @@ from library.checkpoints.files import load_state_dict
 from library.checkpoints.tokenizers import load_clip_tokenizer
 from library.errors import CheckpointError, ConfigError
 from library.families.base import LoadedModels, ModelFamily, TrainingInputs
+from library.text.weighted_captions import add_weighted_caption_arguments, apply_token_weights, token_weights
 from library.training.noise import NoiseOptions, perturb_input_noise, sample_noise, sample_timesteps
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class SDFamily(ModelFamily):
         self.options = SDOptions.from_args(args)
         self.noise_scheduler = make_noise_scheduler(self.options.v_parameterization)
         self.is_v2 = self.options.v2
+        self.weighted_captions = getattr(args, "weighted_captions", False)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -144,6 +146,7 @@ class SDFamily(ModelFamily):
             default=None,
             help="folder to read the tokenizer from, or to save it in on first use (for offline training)",
         )
+        add_weighted_caption_arguments(parser)
         parser.add_argument(
             "--no_token_padding",
             action="store_true",
@@ -155,6 +158,8 @@ class SDFamily(ModelFamily):
         options = self.options
         if options.clip_skip is not None and options.clip_skip < 1:
             raise ConfigError(f"--clip_skip must be 1 or more, got {options.clip_skip}")
+        if self.weighted_captions and options.no_token_padding:
+            raise ConfigError("--weighted_captions and --no_token_padding cannot be combined; drop one of them")
         if options.no_token_padding and options.max_token_length != TOKENS_PER_CHUNK:
             raise ConfigError(
                 f"--no_token_padding works with 75-token captions only; remove it or --max_token_length "
@@ -290,14 +295,32 @@ class SDFamily(ModelFamily):
 
     def encode_text(self, models: LoadedModels, captions: list[str]) -> dict[str, torch.Tensor]:
         text_encoder = models.text_encoders[0]
-        ids = self.tokenize(models.tokenizers[0], captions).to(text_encoder.device)
+        if self.weighted_captions:
+            ids, weights = self.tokenize_weighted(models.tokenizers[0], captions)
+        else:
+            ids, weights = self.tokenize(models.tokenizers[0], captions), None
+        ids = ids.to(text_encoder.device)
         if self.options.no_token_padding:  # one chunk of the batch's own length
             return {"encoder_hidden_states": self._text_hidden_states(text_encoder, ids)}
         batch, length = ids.shape
         chunks = length // (TOKENS_PER_CHUNK + 2)
         hidden = self._text_hidden_states(text_encoder, ids.reshape(batch * chunks, TOKENS_PER_CHUNK + 2))
-        hidden = hidden.reshape(batch, chunks, TOKENS_PER_CHUNK + 2, -1)
-        return {"encoder_hidden_states": merge_chunk_states(hidden)}
+        hidden = merge_chunk_states(hidden.reshape(batch, chunks, TOKENS_PER_CHUNK + 2, -1))
+        if weights is not None:
+            merged = merge_chunk_states(weights.view(batch, chunks, TOKENS_PER_CHUNK + 2, 1)).squeeze(-1)
+            hidden = apply_token_weights(hidden, merged.to(hidden.device, hidden.dtype))
+        return {"encoder_hidden_states": hidden}
+
+    def tokenize_weighted(self, tokenizer, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like `tokenize`, for `(text:1.2)` / `[text]` captions: ids without the markup and each token's weight."""
+        chunks = self.options.max_token_length // TOKENS_PER_CHUNK
+        framed_ids, framed_weights = [], []
+        for caption in captions:
+            ids, weights = token_weights(tokenizer, caption, chunks * TOKENS_PER_CHUNK)
+            framed_ids.append(frame_token_chunks(ids, chunks, tokenizer.bos_token_id, tokenizer.eos_token_id,
+                                                 tokenizer.pad_token_id))
+            framed_weights.append(frame_token_chunks(weights, chunks, 1.0, 1.0, 1.0))
+        return torch.tensor(framed_ids, dtype=torch.long), torch.tensor(framed_weights, dtype=torch.float32)
 
     def _text_hidden_states(self, text_encoder: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         clip_skip = self.options.clip_skip or 1

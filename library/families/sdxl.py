@@ -182,6 +182,8 @@ class SDXLFamily(SDFamily):
             raise CheckpointError(f"--pretrained_model_name_or_path: file not found: {path}")
         if options.vae is not None and not os.path.exists(options.vae):
             raise CheckpointError(f"--vae: file or folder not found: {options.vae}")
+        if self.weighted_captions:
+            raise ConfigError("--weighted_captions is not supported for SDXL yet; remove it (captions are used as written)")
         for index, rate in enumerate(options.text_encoder_lrs, start=1):
             if rate is not None and rate < 0:
                 raise ConfigError(f"the learning rate of text encoder {index} must not be negative, got {rate}")
