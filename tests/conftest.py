@@ -44,6 +44,14 @@ def tiny_sdxl_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory) -> dict[str, str]:
+    """The tiny FLUX.1 model as BFL / ae / clip_l / t5xxl files, a diffusers folder and a tokenizer cache (paths)."""
+    from library.testing.tiny_flux import write_tiny_flux
+
+    return write_tiny_flux(str(tmp_path_factory.mktemp("flux")))
+
+
+@pytest.fixture(scope="session")
 def toy_dataset(tmp_path_factory) -> str:
     """A toy dataset of 6 images with captions and 2 regularization images; returns the TOML path."""
     from library.testing.toy_data import write_toy_dataset

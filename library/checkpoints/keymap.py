@@ -18,10 +18,13 @@ from library.errors import CheckpointError
 
 # "same": the tensor is passed through unchanged.
 # "conv1x1": original is a 1x1 convolution (C_out, C_in, 1, 1), the model holds a Linear (C_out, C_in).
-# "fused": original is the concatenation along dim 0 of the model tensors, in table order (e.g. q|k|v).
+# "fused": original is the concatenation along dim 0 of the model tensors, in table order (e.g. q|k|v); equal
+#   parts unless the entry gives `sizes` (FLUX single blocks: q|k|v|mlp).
 # "transposed": original is the model matrix transposed (OpenCLIP's text_projection is used as x @ P, while a
 #   Linear layer computes x @ W.T).
-Layout = Literal["same", "conv1x1", "fused", "transposed"]
+# "swap_halves": original and model tensor hold the same two halves along dim 0 in the other order (BFL's final
+#   adaLN modulation is shift|scale, diffusers' norm_out is scale|shift); the swap is its own inverse.
+Layout = Literal["same", "conv1x1", "fused", "transposed", "swap_halves"]
 
 _LISTED_KEYS = 10
 
@@ -33,9 +36,11 @@ class Entry:
     original: str
     model: tuple[str, ...]
     layout: Layout = "same"
+    sizes: tuple[int, ...] | None = None  # "fused" with unequal parts: the dim-0 size of each model tensor
 
     def __post_init__(self) -> None:
         assert (len(self.model) > 1) == (self.layout == "fused"), self
+        assert self.sizes is None or len(self.sizes) == len(self.model), self
 
 
 class KeyMap:
@@ -64,6 +69,14 @@ def _to_model_tensors(entry: Entry, tensor: Tensor) -> tuple[Tensor, ...]:
     if entry.layout == "conv1x1":
         # flatten(1) also accepts files that already store the Linear shape; join writes the 1x1 conv shape.
         return (tensor.flatten(1),)  # (C_out, C_in, 1, 1) -> (C_out, C_in)
+    if entry.layout == "fused" and entry.sizes is not None:
+        if tensor.shape[0] != sum(entry.sizes):
+            raise CheckpointError(
+                f"Checkpoint tensor {entry.original!r} has shape {tuple(tensor.shape)}; expected its first "
+                f"dimension to be {sum(entry.sizes)} ({' + '.join(map(str, entry.sizes))} for "
+                f"{', '.join(entry.model)})."
+            )
+        return tuple(part.clone() for part in tensor.split(entry.sizes, dim=0))
     if entry.layout == "fused":
         parts = len(entry.model)
         if tensor.shape[0] % parts:
@@ -75,6 +88,8 @@ def _to_model_tensors(entry: Entry, tensor: Tensor) -> tuple[Tensor, ...]:
         return tuple(part.clone() for part in tensor.chunk(parts, dim=0))
     if entry.layout == "transposed":
         return (tensor.T.contiguous(),)
+    if entry.layout == "swap_halves":
+        return (_swap_halves(tensor),)
     return (tensor,)
 
 
@@ -85,7 +100,14 @@ def _to_original_tensor(entry: Entry, tensors: list[Tensor]) -> Tensor:
         return torch.cat(tensors, dim=0)
     if entry.layout == "transposed":
         return tensors[0].T.contiguous()
+    if entry.layout == "swap_halves":
+        return _swap_halves(tensors[0])
     return tensors[0]
+
+
+def _swap_halves(tensor: Tensor) -> Tensor:
+    first, second = tensor.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
 
 
 def check_keys(found: Iterable[str], expected: AbstractSet[str], context: str, hint: str) -> None:

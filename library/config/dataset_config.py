@@ -62,6 +62,7 @@ class SubsetConfig:
     alpha_mask: bool
     skip_corrupt_images: bool
     where: str  # table path for messages, e.g. "datasets[0].subsets[1]"
+    is_val: bool = False  # validation images: held out of training, used for the validation loss
 
     @property
     def is_finetune(self) -> bool:
@@ -82,6 +83,8 @@ class DatasetConfig:
     bucket_no_upscale: bool
     subsets: tuple[SubsetConfig, ...]
     where: str  # e.g. "datasets[0]"
+    validation_split: float = 0.0  # share of the non-reg, non-is_val images held out for validation
+    validation_seed: int | None = None  # seed of that choice; None: the run's seed
 
 
 @dataclass(frozen=True)
@@ -299,6 +302,11 @@ def _build_subset(values: dict[str, Any], subset_data: dict[str, Any], where: st
         _check_finetune_subset(subset, subset_data, source)
     else:
         _check_dreambooth_subset(subset, source)
+    if subset.is_val and subset.is_reg:
+        raise ConfigError(
+            f"{source}: {where} sets both is_val and is_reg; regularization images are never validated, "
+            "so choose one."
+        )
     if subset.keep_tokens_separator and subset.keep_tokens_separator == subset.caption_separator:
         raise ConfigError(
             f"{source}: {where}.keep_tokens_separator = {_show(subset.keep_tokens_separator)} is the same as "

@@ -61,6 +61,12 @@ def _probability(value: Any) -> float:
     return float(value)
 
 
+def _fraction_below_one(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise vol.Invalid("expected a number from 0 up to (not including) 1")
+    return float(value)
+
+
 def _boolean(value: Any) -> bool:
     if not isinstance(value, bool):
         raise vol.Invalid("expected true or false")
@@ -208,6 +214,22 @@ OPTIONS: tuple[OptionSpec, ...] = (
     _dataset_option("max_bucket_reso", _int_at_least(1), _POSITIVE, 1024, "largest bucket side", _cli_int),
     _dataset_option("bucket_reso_steps", _int_at_least(1), _POSITIVE, 64, "bucket sides are multiples of it", _cli_int),
     _dataset_option("bucket_no_upscale", _boolean, _BOOL, False, "never enlarge images to fit a bucket", SWITCH),
+    _dataset_option(
+        "validation_split",
+        _fraction_below_one,
+        "a number from 0 up to (not including) 1",
+        0.0,
+        "share of the training images held out for the validation loss",
+        _cli_float,
+    ),
+    _dataset_option(
+        "validation_seed",
+        _int_at_least(0),
+        _NATURAL,
+        None,
+        "seed choosing the validation images (default --seed)",
+        _cli_int,
+    ),
     _subset_option("image_dir", _non_empty_string, _FOLDER, None, "folder of the images", levels=SUBSET_ONLY),
     _subset_option(
         "metadata_file",
@@ -228,6 +250,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
         kind=_DB,
     ),
     _subset_option("is_reg", _boolean, _BOOL, False, "regularization images", levels=SUBSET_ONLY, kind=_DB),
+    _subset_option("is_val", _boolean, _BOOL, False, "validation images, never trained on", levels=SUBSET_ONLY),
     _subset_option(
         "conditioning_data_dir",
         _non_empty_string,

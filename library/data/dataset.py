@@ -21,8 +21,10 @@ from torch.utils.data import DataLoader, Dataset
 from library.config.dataset_cli import add_dataset_option_arguments, load_group_config
 from library.config.dataset_config import DatasetGroupConfig
 from library.data.image_dataset import ImageDataset, Sample
+from library.data.latent_cache import LatentEncoder, fill_latent_cache
 from library.data.scan import scan_subset
 from library.data.summary import dataset_summary, format_summary
+from library.data.validation_split import split_validation
 from library.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
@@ -88,6 +90,7 @@ class DatasetGroup(Dataset):
         self._shared_epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._epoch = -1
         self._batches: list[tuple[int, np.ndarray]] = []
+        self.validation: DatasetGroup | None = None  # the held-out images, set by from_config
         self.set_processes(num_processes, process_index)
 
     @classmethod
@@ -99,12 +102,32 @@ class DatasetGroup(Dataset):
         num_processes: int = 1,
         process_index: int = 0,
     ) -> DatasetGroup:
-        """Scan the folders and metadata of every subset and build the group."""
-        datasets = []
+        """Scan the folders and metadata of every subset and build the group.
+
+        Validation images (`is_val` subsets, `validation_split`) are left out and served by `group.validation`.
+        """
+        datasets, held_out = [], []
         for dataset_config in config.datasets:
             images = [scan_subset(subset, config.source) for subset in dataset_config.subsets]
-            datasets.append(ImageDataset(dataset_config, images, prior_loss_weight, config.source))
-        return cls(datasets, seed, num_processes, process_index)
+            train, validation = split_validation(dataset_config, images, seed, config.source)
+            if train is not None:
+                datasets.append(ImageDataset(*train, prior_loss_weight, config.source))
+            if validation is not None:
+                held_out.append(ImageDataset(*validation, prior_loss_weight, config.source))
+        if not datasets:
+            raise DatasetError(f"{config.source}: every subset is a validation subset (is_val); none is left to train.")
+        group = cls(datasets, seed, num_processes, process_index)
+        if held_out:
+            group.validation = cls(held_out, seed)
+            images = sum(len(dataset.samples) for dataset in held_out)
+            logger.info("validation: %d images in %d batches, never trained on", images, len(group.validation))
+        return group
+
+    def including_validation(self) -> DatasetGroup:
+        """This group with the validation datasets added, for work over every image (e.g. text-encoder caches)."""
+        if self.validation is None:
+            return self
+        return DatasetGroup(self.datasets + self.validation.datasets, self.seed)
 
     def set_processes(self, num_processes: int, process_index: int) -> None:
         """Take this process's share of every batch (`accelerator.num_processes`, `accelerator.process_index`)."""
@@ -178,6 +201,12 @@ class DatasetGroup(Dataset):
             persistent_workers=persistent and workers > 0,
         )
 
+    def cache_latents(
+        self, encode: LatentEncoder, vae_id: str, to_disk: bool, batch_size: int = 1, progress: bool = True
+    ) -> tuple[int, int]:
+        """Encode every image once (see library/data/latent_cache.py); returns (images encoded, entries reused)."""
+        return fill_latent_cache(self.datasets, encode, vae_id, to_disk, batch_size, progress)
+
     def summary(self, sample_captions: bool = False) -> dict[str, Any]:
         """A JSON-able description: per dataset its options, buckets, subsets and counts.
 
@@ -231,13 +260,12 @@ def _collate(samples: list[Sample], with_masks: bool) -> dict[str, Any]:
                 "Prepare them again with the same settings."
             )
         batch["latents"] = torch.from_numpy(np.stack([sample.latents for sample in samples]))  # (B, C, h, w)
-        return batch
-    images = torch.from_numpy(np.stack([sample.image for sample in samples]))  # (B, H, W, 3) uint8
-    batch["images"] = images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()  # (B, 3, H, W) [-1, 1]
+        mask_size = first.latents.shape[-2:]  # cached masks are already reduced to the latent size
+    else:
+        images = torch.from_numpy(np.stack([sample.image for sample in samples]))  # (B, H, W, 3) uint8
+        batch["images"] = images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()  # (B, 3, H, W)
+        mask_size = first.image.shape[:2]
     if with_masks:
-        masks = [
-            sample.mask if sample.mask is not None else np.ones(sample.image.shape[:2], dtype=np.float32)
-            for sample in samples
-        ]
-        batch["masks"] = torch.from_numpy(np.stack(masks))[:, None]  # (B, 1, H, W) in [0, 1]
+        masks = [sample.mask if sample.mask is not None else np.ones(mask_size, dtype=np.float32) for sample in samples]
+        batch["masks"] = torch.from_numpy(np.stack(masks))[:, None]  # (B, 1, H, W) or (B, 1, h, w) in [0, 1]
     return batch

@@ -12,6 +12,7 @@ from library.data.batching import count_batches, plan_batches
 from library.data.buckets import assign_buckets
 from library.data.captions import CaptionOptions, make_caption
 from library.data.images import load_image_and_alpha, load_mask
+from library.data.latent_cache import CachedLatents
 from library.data.latents import load_latents, uses_prepared_latents
 from library.data.scan import SubsetImages
 from library.data.transforms import CropPlan, apply_crop, face_from_name, plan_crop, shift_hue
@@ -22,11 +23,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Sample:
-    """One sample prepared for a batch: pixels (`image`) or prepared `latents`, never both."""
+    """One sample prepared for a batch: pixels (`image`) or prepared / cached `latents`, never both."""
 
     image: np.ndarray | None  # (H, W, 3) uint8, H x W = the bucket
     latents: np.ndarray | None  # (C, h, w) float32, raw VAE latents
-    mask: np.ndarray | None  # (H, W) float32 loss weights in [0, 1]
+    mask: np.ndarray | None  # (H, W) float32 loss weights in [0, 1]; (h, w) at latent size with cached latents
     caption: str
     loss_weight: float
     path: str
@@ -75,6 +76,7 @@ class ImageDataset:
         self._caption_options = [CaptionOptions.of(s) for s in self.subsets]
         self._loss_weights = [prior_loss_weight if s.is_reg else 1.0 for s in self.subsets]
         self.samples = self._epoch_samples()  # (M,) image index of every sample of an epoch
+        self.latent_cache: list[CachedLatents] | None = None  # per image, set by library/data/latent_cache.py
 
     def _buckets(self) -> tuple[np.ndarray, np.ndarray]:
         config = self.config
@@ -155,6 +157,8 @@ class ImageDataset:
         target = (int(bucket[0]), int(bucket[1]))
         if self.uses_latents:
             sample = self._load_latents(image_index, target, rng)
+        elif self.latent_cache is not None:
+            sample = self._load_cached(image_index, subset_index, rng)
         else:
             sample = self._load_pixels(image_index, subset_index, target, rng)
         caption = self.caption_of(image_index, rng, epoch)
@@ -178,7 +182,45 @@ class ImageDataset:
             "crop_top_left": prepared.crop_top_left or (0, 0),
         }
 
+    def _load_cached(self, image_index: int, subset_index: int, rng: np.random.Generator) -> dict:
+        """A sample from the latent cache; the flip draw is the one the pixel path makes, so the data match."""
+        entry = self.latent_cache[image_index]
+        flipped = bool(self.subsets[subset_index].flip_aug and rng.random() < 0.5)
+        latents, mask = entry.load(flipped)
+        return {
+            "image": None,
+            "latents": latents,
+            "mask": mask,
+            "path": self.image_paths[image_index],
+            "original_size": entry.original_size,
+            "crop_top_left": entry.crop_top_left,
+        }
+
     def _load_pixels(
+        self, image_index: int, subset_index: int, target: tuple[int, int], rng: np.random.Generator
+    ) -> dict:
+        subset = self.subsets[subset_index]
+        sample = self._cropped(image_index, subset_index, target, rng)
+        crop, mask = sample["image"], sample["mask"]
+        if subset.flip_aug and rng.random() < 0.5:
+            crop = crop[:, ::-1]
+            mask = None if mask is None else mask[:, ::-1]
+        if subset.color_aug:
+            crop = shift_hue(crop, rng)
+        sample["image"] = np.ascontiguousarray(crop)
+        sample["mask"] = None if mask is None else np.ascontiguousarray(mask)
+        return sample
+
+    def fixed_pixels(self, image_index: int) -> dict:
+        """An image cut to its bucket, with its mask, before flip and colour: what a latent cache encodes.
+
+        Only meaningful when the subset has no random crop (the latent cache refuses those subsets).
+        """
+        bucket = self.bucket_sizes[self.bucket_of_image[image_index]]
+        target = (int(bucket[0]), int(bucket[1]))
+        return self._cropped(image_index, int(self.subset_of_image[image_index]), target, np.random.default_rng(0))
+
+    def _cropped(
         self, image_index: int, subset_index: int, target: tuple[int, int], rng: np.random.Generator
     ) -> dict:
         subset = self.subsets[subset_index]
@@ -187,17 +229,10 @@ class ImageDataset:
         height, width = image.shape[:2]
         face = face_from_name(path) if subset.face_crop_aug_range is not None else None
         plan = plan_crop((width, height), target, rng, subset.random_crop, face, subset.face_crop_aug_range)
-        crop = apply_crop(image, plan, subset.resize_interpolation)
-        mask = self._mask(image_index, alpha, (width, height), plan, subset.resize_interpolation)
-        if subset.flip_aug and rng.random() < 0.5:
-            crop = crop[:, ::-1]
-            mask = None if mask is None else mask[:, ::-1]
-        if subset.color_aug:
-            crop = shift_hue(crop, rng)
         return {
-            "image": np.ascontiguousarray(crop),
+            "image": apply_crop(image, plan, subset.resize_interpolation),
             "latents": None,
-            "mask": None if mask is None else np.ascontiguousarray(mask),
+            "mask": self._mask(image_index, alpha, (width, height), plan, subset.resize_interpolation),
             "path": path,
             "original_size": (height, width),
             "crop_top_left": (plan.top, plan.left),

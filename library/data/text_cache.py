@@ -14,10 +14,13 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from library.atomic import atomic_path
+from library.data.cache_files import (
+    read_header,
+    read_tensors,
+    tensors_fingerprint,  # noqa: F401 (kept importable from here, its first home)
+    write_cache_file,
+)
 from library.data.captions import CaptionOptions, make_caption
 from library.errors import ConfigError
 
@@ -110,38 +113,17 @@ class TextOutputCache:
         return {name: torch.stack([self.entries[c][name] for c in captions]).to(device) for name in names}
 
     def _file_key(self, path: str) -> str | None:
-        file = self.cache_path(path)
-        if not os.path.isfile(file):
-            return None
-        try:
-            with safe_open(file, framework="pt") as handle:
-                return (handle.metadata() or {}).get(CACHE_KEY)
-        except (OSError, SafetensorError):  # a damaged file is rewritten
-            return None
+        header = read_header(self.cache_path(path))  # a damaged file reads as missing and is rewritten
+        return None if header is None else header.metadata.get(CACHE_KEY)
 
     def _valid_file(self, path: str, caption: str) -> bool:
         return self._file_key(path) == content_key(self.fingerprint, caption)
 
     def _read(self, path: str, caption: str) -> bool:
-        with safe_open(self.cache_path(path), framework="pt") as handle:
-            self.entries[caption] = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (the handle is not iterable)
+        self.entries[caption] = read_tensors(self.cache_path(path))
         return True
 
     def _write(self, path: str, caption: str) -> None:
-        tensors = {name: value.contiguous() for name, value in self.entries[caption].items()}
-        with atomic_path(self.cache_path(path)) as temp:
-            save_file(tensors, temp, metadata={CACHE_KEY: content_key(self.fingerprint, caption)})
+        key = content_key(self.fingerprint, caption)
+        write_cache_file(self.cache_path(path), self.entries[caption], {CACHE_KEY: key})
 
-
-def tensors_fingerprint(tensors: Iterable[torch.Tensor], *settings: object) -> str:
-    """A short hash of model weights and settings: what makes cached outputs valid.
-
-    Each tensor enters by its shape and its float64 sum and sum of squares, computed where it lives: any training
-    of the encoders changes them, at a fraction of the cost of hashing every byte.
-    """
-    tensors = list(tensors)
-    digest = hashlib.sha256(repr((settings, [tuple(t.shape) for t in tensors])).encode())
-    with torch.no_grad():
-        sums = [torch.stack([t.double().sum(), t.double().square().sum()]).cpu() for t in tensors]
-    digest.update(torch.cat(sums).numpy().tobytes())
-    return digest.hexdigest()[:32]

@@ -7,6 +7,7 @@ import importlib
 FAMILIES: dict[str, str] = {
     "sd": "library.families.sd:SDFamily",
     "sdxl": "library.families.sdxl:SDXLFamily",
+    "flux": "library.families.flux:FluxFamily",
 }
 
 

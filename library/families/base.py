@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from library.errors import ConfigError
 from library.training.noise import NoiseOptions
 
 
@@ -37,6 +38,8 @@ class ModelFamily(ABC):
     """One model architecture: options, loading, conditioning, objective, prediction, metadata."""
 
     id: ClassVar[str]
+    # Side of sample images drawn without --w / --h; None: the family cannot draw sample images yet.
+    default_sample_size: ClassVar[int | None] = None
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -68,9 +71,16 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def training_inputs(
-        self, latents: torch.Tensor, generator: torch.Generator | None, noise: NoiseOptions
+        self,
+        latents: torch.Tensor,
+        generator: torch.Generator | None,
+        noise: NoiseOptions,
+        timesteps: torch.Tensor | None = None,
     ) -> TrainingInputs:
-        """Noise the latents at sampled timesteps and give the target the denoiser should predict."""
+        """Noise the latents at sampled timesteps and give the target the denoiser should predict.
+
+        `timesteps` (B,) in the family's 0..999 numbering replaces the sampled ones (fixed-timestep validation).
+        """
 
     @property
     def alphas_cumprod(self) -> torch.Tensor | None:
@@ -108,6 +118,18 @@ class ModelFamily(ABC):
         """Optimizer groups for training the whole denoiser (a family may split it, e.g. by block)."""
         return [{"params": list(denoiser.parameters()), "lr": learning_rate}]
 
+    def place_models(self, models: LoadedModels, device: torch.device) -> None:
+        """Move the models to the compute device before training (a family may keep parts in CPU memory)."""
+        for model in [models.denoiser, models.vae, *models.text_encoders]:
+            model.to(device)
+
+    def denoiser_blocks(self, models: LoadedModels) -> list[tuple[str, torch.nn.Module]]:
+        """The denoiser cut into named blocks, one optimizer each with --blockwise_fused_optimizers (default: its
+        top-level children, lists of blocks split into their items)."""
+        from library.training.fused_optimizers import default_blocks
+
+        return default_blocks(models.denoiser)
+
     def encode_conditioning(self, models: LoadedModels, captions: list[str], batch: dict) -> dict[str, torch.Tensor]:
         """The conditioning `predict` takes for a batch: the encoded captions, plus what the family reads from the
         batch itself (e.g. image sizes and crops)."""
@@ -127,6 +149,18 @@ class ModelFamily(ABC):
         `dtype` None keeps each tensor's precision; `metadata` goes into files that can hold it.
         """
         raise NotImplementedError(f"the {self.id} family cannot save full models")
+
+    def sample_scheduler(self, sampler: str) -> Any:
+        """A fresh diffusers scheduler for `--sample_sampler`, set up like the training noise schedule."""
+        raise ConfigError(f"the {self.id} family cannot draw sample images yet; leave out the --sample_* options")
+
+    def make_pipeline(self, models: LoadedModels, scheduler: Any) -> Any:
+        """A diffusers pipeline drawing with `models` as they are now (adapters included) and `scheduler`."""
+        raise ConfigError(f"the {self.id} family cannot draw sample images yet; leave out the --sample_* options")
+
+    def sample_prompt_inputs(self, models: LoadedModels, prompt: str, negative_prompt: str) -> dict[str, Any]:
+        """The pipeline's prompt arguments; families pass embeddings encoded the way training encodes captions."""
+        return {"prompt": prompt, "negative_prompt": negative_prompt}
 
     @abstractmethod
     def training_metadata(self) -> dict[str, str]:

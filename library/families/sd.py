@@ -331,13 +331,18 @@ class SDFamily(ModelFamily):
         return final_norm(output.hidden_states[-clip_skip])
 
     def training_inputs(
-        self, latents: torch.Tensor, generator: torch.Generator | None, noise: NoiseOptions
+        self,
+        latents: torch.Tensor,
+        generator: torch.Generator | None,
+        noise: NoiseOptions,
+        timesteps: torch.Tensor | None = None,
     ) -> TrainingInputs:
         batch = latents.shape[0]
         noise_options = noise
         noise = sample_noise(latents, noise_options, generator)
         num_timesteps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = sample_timesteps(batch, num_timesteps, noise_options, generator, latents.device)
+        if timesteps is None:
+            timesteps = sample_timesteps(batch, num_timesteps, noise_options, generator, latents.device)
         noisy = self.noise_scheduler.add_noise(latents, perturb_input_noise(noise, noise_options, generator), timesteps)
         if self.options.v_parameterization:
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -361,6 +366,34 @@ class SDFamily(ModelFamily):
 
     def network_text_encoders(self, models: LoadedModels) -> list[torch.nn.Module]:
         return [with_text_model_level(encoder) for encoder in models.text_encoders]
+
+    # ---- sample images -------------------------------------------------------------------------------------
+
+    default_sample_size = 512
+
+    def sample_scheduler(self, sampler: str):
+        from library.training.sampling import make_scheduler
+
+        return make_scheduler(sampler, self.noise_scheduler.config)
+
+    def make_pipeline(self, models: LoadedModels, scheduler):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
+            vae=models.vae,
+            text_encoder=models.text_encoders[0],
+            tokenizer=models.tokenizers[0],
+            unet=models.denoiser,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    def sample_prompt_inputs(self, models: LoadedModels, prompt: str, negative_prompt: str) -> dict:
+        """Embeddings from our own text encoding, so clip skip and long prompts work as in training."""
+        hidden = self.encode_text(models, [prompt, negative_prompt])["encoder_hidden_states"]  # (2, L, D)
+        return {"prompt_embeds": hidden[:1], "negative_prompt_embeds": hidden[1:]}
 
     # ---- saving --------------------------------------------------------------------------------------------
 

@@ -321,6 +321,40 @@ class SDXLFamily(SDFamily):
         hidden = conditioning["encoder_hidden_states"].to(noisy_latents.device, dtype)
         return unet(noisy_latents.to(dtype), timesteps, hidden, added_cond_kwargs=added).sample
 
+    # ---- sample images -------------------------------------------------------------------------------------
+
+    default_sample_size = 1024
+
+    def make_pipeline(self, models: LoadedModels, scheduler):
+        from diffusers import StableDiffusionXLPipeline
+
+        text1, text2 = models.text_encoders
+        return StableDiffusionXLPipeline(
+            vae=models.vae,
+            text_encoder=text1,
+            text_encoder_2=text2,
+            tokenizer=models.tokenizers[0],
+            tokenizer_2=models.tokenizers[1],
+            unet=models.denoiser,
+            scheduler=scheduler,
+            add_watermarker=False,
+        )
+
+    def sample_prompt_inputs(self, models: LoadedModels, prompt: str, negative_prompt: str) -> dict:
+        """Embeddings as training encodes captions; an empty negative prompt is all zeros, as the SDXL release
+        pipeline makes it (force_zeros_for_empty_prompt)."""
+        encoded = self.encode_text(models, [prompt, negative_prompt])
+        hidden, pooled = encoded["encoder_hidden_states"], encoded["text_embeds"]  # (2, L, D), (2, P)
+        if not negative_prompt:
+            hidden, pooled = hidden.clone(), pooled.clone()
+            hidden[1], pooled[1] = 0, 0
+        return {
+            "prompt_embeds": hidden[:1],
+            "negative_prompt_embeds": hidden[1:],
+            "pooled_prompt_embeds": pooled[:1],
+            "negative_pooled_prompt_embeds": pooled[1:],
+        }
+
     # ---- text-encoder output cache -------------------------------------------------------------------------
 
     def before_training(self, models: LoadedModels, dataset) -> None:

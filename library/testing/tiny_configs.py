@@ -214,3 +214,65 @@ def open_clip_bigg_config() -> dict:
         hidden_act="gelu",
         projection_dim=1280,
     )
+
+
+# FLUX.1 ---------------------------------------------------------------------------------------------------------
+# Tiny FLUX keeps the released proportions that the shape inference relies on: 32-wide heads scaled like 128
+# (rotary dims 4/14/14 of 16/56/56), MLP ratio 4, 16 latent channels packed 2x2 (64 inputs). The T5 (40 wide) and
+# CLIP (32 wide) widths differ, so a swapped text input shows up as a shape error.
+
+
+def tiny_flux_transformer_config(guidance_embeds: bool = True) -> dict:
+    """Three double and four single blocks (enough to swap some), 64 wide (2 heads of 32); dev-like with the
+    guidance embedder."""
+    return dict(
+        patch_size=1,
+        in_channels=64,
+        num_layers=3,
+        num_single_layers=4,
+        attention_head_dim=32,
+        num_attention_heads=2,
+        joint_attention_dim=40,
+        pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 14, 14),
+    )
+
+
+def tiny_flux_ae_config() -> dict:
+    """The tiny 4-level VAE (1/8 size) with FLUX's 16 latent channels, scale and shift and no quant convs."""
+    return dict(
+        tiny_vae_config(),
+        latent_channels=16,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        force_upcast=True,
+    )
+
+
+def tiny_flux_clip_config() -> dict:
+    """CLIP-L-like text encoder (the real vocabulary, 32 wide)."""
+    return tiny_text_encoder_config(v2=False)
+
+
+def tiny_t5_config(vocab_size: int = 128) -> dict:
+    """Gated-GELU T5 encoder, 40 wide, one 64-wide head (T5 v1.1 head width), two blocks."""
+    return dict(
+        vocab_size=vocab_size,
+        d_model=40,
+        d_kv=64,
+        d_ff=48,
+        num_layers=2,
+        num_heads=1,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",
+        layer_norm_epsilon=1e-6,
+        dropout_rate=0.0,
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=0,
+        eos_token_id=1,
+    )

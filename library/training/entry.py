@@ -17,12 +17,19 @@ def build_parser(family_class, method_class, description: str) -> argparse.Argum
     """The parser with the options of the loop, optimizer, dataset engine, checkpoint reading, family and method."""
     from library.checkpoints.files import add_checkpoint_arguments
     from library.data.dataset import add_dataset_arguments
+    from library.data.latent_cache import add_latent_cache_arguments
+    from library.training.config_file import add_config_file_arguments
+    from library.training.fused_optimizers import add_fused_arguments
+    from library.training.hub import add_hub_arguments
     from library.training.loop_options import add_loop_arguments
     from library.training.loss import add_loss_arguments
+    from library.training.memory_options import add_memory_arguments
     from library.training.noise import add_noise_arguments
     from library.training.optimizers import add_optimizer_arguments
+    from library.training.sampling import add_sampling_arguments
     from library.training.saving import add_saving_arguments
     from library.training.tracking import add_tracking_arguments
+    from library.training.validation import add_validation_arguments
 
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
     family_class.add_arguments(parser.add_argument_group(f"model ({family_class.id})"))
@@ -30,13 +37,20 @@ def build_parser(family_class, method_class, description: str) -> argparse.Argum
     method_class.add_arguments(method_group)
     family_class.add_method_arguments(method_class.name, method_group)
     add_dataset_arguments(parser.add_argument_group("dataset"))
+    add_latent_cache_arguments(parser.add_argument_group("latent cache"))
     add_loop_arguments(parser.add_argument_group("training"))
+    add_memory_arguments(parser.add_argument_group("precision and memory"))
     add_optimizer_arguments(parser.add_argument_group("optimizer"))
+    add_fused_arguments(parser.add_argument_group("optimizer step inside the backward pass"))
     add_noise_arguments(parser.add_argument_group("noise and timesteps"))
     add_loss_arguments(parser.add_argument_group("loss"))
     add_saving_arguments(parser.add_argument_group("saving and resuming"))
     add_tracking_arguments(parser.add_argument_group("logging"))
+    add_sampling_arguments(parser.add_argument_group("sample images"))
+    add_validation_arguments(parser.add_argument_group("validation"))
     add_checkpoint_arguments(parser.add_argument_group("checkpoint files"))
+    add_hub_arguments(parser.add_argument_group("hugging face hub"))
+    add_config_file_arguments(parser.add_argument_group("config file"))
     parser.set_defaults(**method_class.default_options())
     return parser
 
@@ -56,12 +70,17 @@ def run_training(family_id: str, method_id: str, description: str, argv: list[st
     """Parse the command line for `family_id` x `method_id` and train; user errors end with one line, exit 1."""
     from library.families import get_family_class
     from library.methods import get_method_class
+    from library.training.config_file import parse_with_config_file, write_config_file
 
     family_class = get_family_class(family_id)
     method_class = get_method_class(method_id)
-    args = build_parser(family_class, method_class, description).parse_args(argv)
+    parser = build_parser(family_class, method_class, description)
     configure_logging()
     try:
+        args = parse_with_config_file(parser, argv)  # a --config_file's values are defaults the command line overrides
+        if args.output_config:
+            write_config_file(parser, args)
+            return
         from library.training.trainer import train
 
         train(family_class(args), method_class(args), args)

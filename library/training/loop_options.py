@@ -29,7 +29,11 @@ def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
         "--gradient_checkpointing", action="store_true", help="recompute activations in backward to save memory"
     )
     parser.add_argument(
-        "--sdpa", action="store_true", help="use PyTorch scaled-dot-product attention (the default attention)"
+        "--gradient_accumulation_steps",
+        type=int,
+        default=1,
+        help="batches whose gradients are summed (averaged) into one optimizer step: N batches of size B update "
+        "like one batch of N*B. Steps (--max_train_steps, schedules, saves) count optimizer steps (default 1)",
     )
     parser.add_argument(
         "--prior_loss_weight", type=float, default=1.0, help="loss weight of regularization images (default 1.0)"
@@ -55,6 +59,7 @@ class LoopOptions:
     mixed_precision: str
     gradient_checkpointing: bool
     cpu_threads: int | None
+    gradient_accumulation_steps: int = 1
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "LoopOptions":
@@ -67,12 +72,13 @@ class LoopOptions:
             mixed_precision=args.mixed_precision,
             gradient_checkpointing=args.gradient_checkpointing,
             cpu_threads=args.cpu_threads,
+            gradient_accumulation_steps=getattr(args, "gradient_accumulation_steps", 1),
         )
         options.validate()
         return options
 
     def validate(self) -> None:
-        for name in ("max_train_steps", "max_train_epochs", "cpu_threads"):
+        for name in ("max_train_steps", "max_train_epochs", "cpu_threads", "gradient_accumulation_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name} must be 1 or more, got {value}")

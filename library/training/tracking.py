@@ -9,6 +9,8 @@ import os
 import time
 from dataclasses import dataclass
 
+import torch
+
 from library.errors import ConfigError, MissingPackageError
 
 logger = logging.getLogger(__name__)
@@ -48,7 +50,7 @@ class TrackingOptions:
     wandb_api_key: str | None
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "TrackingOptions":
+    def from_args(cls, args: argparse.Namespace) -> TrackingOptions:
         options = cls(
             args.logging_dir, args.log_prefix, args.log_with, args.log_tracker_name, args.log_tracker_config,
             args.wandb_api_key,
@@ -90,7 +92,44 @@ def start_trackers(accelerator, options: TrackingOptions, default_name: str, con
         import toml
 
         init_kwargs = toml.load(options.log_tracker_config)
-    # TensorBoard hparams accept only scalars and strings.
-    flat = {key: value if isinstance(value, (int, float, str, bool)) else json.dumps(value) for key, value in config.items()}
-    accelerator.init_trackers(options.log_tracker_name or default_name, config=flat, init_kwargs=init_kwargs)
+    accelerator.init_trackers(options.log_tracker_name or default_name, config=hparams(config), init_kwargs=init_kwargs)
     logger.info("logging metrics with %s", ", ".join(options.trackers))
+
+
+def hparams(config: dict) -> dict[str, int | float | str | bool]:
+    """Options as TensorBoard hparams, which take only scalars and strings: paths as text, lists as JSON."""
+    return {key: _hparam(value) for key, value in config.items()}
+
+
+def _hparam(value: object) -> int | float | str | bool:
+    if isinstance(value, (int, float, str, bool)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return json.dumps(value, default=str)
+
+
+@dataclass
+class StepMetrics:
+    """One step's metrics: device tensors (read back later, all at once) and plain numbers."""
+
+    step: int
+    tensors: dict[str, torch.Tensor]
+    values: dict[str, float]
+
+
+def log_step_metrics(accelerator, pending: list[StepMetrics]) -> None:
+    """Send buffered per-step metrics to the trackers with one device read-back, in step order; empty the buffer.
+
+    Every step gets its own point in the curves while the device syncs only when the buffer is flushed (the loop's
+    progress interval), not on every step.
+    """
+    if not pending:
+        return
+    read = iter(torch.stack([value.detach().float().reshape(()) for item in pending
+                             for value in item.tensors.values()]).tolist())
+    for item in pending:
+        logs = {name: next(read) for name in item.tensors}
+        logs.update(item.values)
+        accelerator.log(logs, step=item.step)
+    pending.clear()

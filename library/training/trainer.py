@@ -12,12 +12,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from library.data.latent_cache import LatentCacheOptions, cache_dataset_latents
 from library.families.base import LoadedModels, ModelFamily
 from library.methods.base import TrainingMethod
 from library.training import metadata as md
+from library.training.fused_optimizers import FusedOptimizers, FusedOptions, attach_fused_optimizers
+from library.training.hub import HubOptions, Uploader
 from library.training.interrupts import StopRequest, TrainingInterrupted
 from library.training.loop_options import LoopOptions
 from library.training.loss import LossOptions, per_sample_loss
+from library.training.memory_options import MemoryOptions, allow_half_gradients, apply_attention, cast_trained_modules
 from library.training.noise import NoiseOptions
 from library.training.optimizers import (
     OptimizerOptions,
@@ -26,9 +30,11 @@ from library.training.optimizers import (
     current_learning_rates,
     set_optimizer_mode,
 )
+from library.training.sampling import SampleOptions, draw_samples
 from library.training.saving import SaveOptions, remove_path, step_saves
 from library.training.state import Position, load_state, read_position, save_state
-from library.training.tracking import TrackingOptions, start_trackers
+from library.training.tracking import StepMetrics, TrackingOptions, log_step_metrics, start_trackers
+from library.training.validation import ValidationOptions, run_validation
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +44,14 @@ PROGRESS_INTERVAL = 10  # steps between loss read-backs for the progress bar (ea
 
 @dataclass
 class Schedule:
-    """How long the run is."""
+    """How long the run is. Steps are optimizer steps: `accumulation` batches each (the last of an epoch may
+    have fewer)."""
 
     steps_per_epoch: int
     num_epochs: int
     total_steps: int
+    batches_per_epoch: int = 0
+    accumulation: int = 1
 
 
 @dataclass
@@ -55,6 +64,8 @@ class RunState:
     loss_sum: torch.Tensor | None = None
     loss_count: int = 0
     epoch_losses: list[float] = field(default_factory=list)
+    pending_metrics: list[StepMetrics] = field(default_factory=list)  # per-step tracker values not yet read back
+    group_loss: torch.Tensor | None = None  # mean loss so far of the batches accumulated for the next step
 
 
 @dataclass
@@ -67,6 +78,12 @@ class Options:
     optimizer: OptimizerOptions
     noise: NoiseOptions
     loss: LossOptions
+    hub: HubOptions = field(default_factory=HubOptions)
+    latents: LatentCacheOptions = field(default_factory=LatentCacheOptions)
+    memory: MemoryOptions = field(default_factory=MemoryOptions)
+    sampling: SampleOptions = field(default_factory=SampleOptions)
+    validation: ValidationOptions = field(default_factory=ValidationOptions)
+    fused: FusedOptions = field(default_factory=FusedOptions)
 
 
 @dataclass
@@ -87,6 +104,8 @@ class Run:
     generator: torch.Generator
     stop: StopRequest
     state: RunState = field(default_factory=RunState)
+    uploader: Uploader = field(default_factory=Uploader)
+    fused: FusedOptimizers | None = None  # --fused_backward_pass / --blockwise_fused_optimizers
 
     @property
     def finished(self) -> bool:
@@ -95,14 +114,23 @@ class Run:
 
 def parse_options(args: argparse.Namespace) -> Options:
     """All loop options, validated (no model loaded yet)."""
-    return Options(
+    hub = HubOptions.from_args(args)
+    args.resume = hub.local_resume(args.resume)  # a state on the hub is downloaded (into the hub cache) first
+    options = Options(
         LoopOptions.from_args(args),
         SaveOptions.from_args(args),
         TrackingOptions.from_args(args),
         OptimizerOptions.from_args(args),
         NoiseOptions.from_args(args),
         LossOptions.from_args(args),
+        hub=hub,
+        latents=LatentCacheOptions.from_args(args),
+        memory=MemoryOptions.from_args(args, args.mixed_precision),
+        sampling=SampleOptions.from_args(args),
+        validation=ValidationOptions.from_args(args),
     )
+    options.fused = FusedOptions.from_args(args, options.optimizer)
+    return options
 
 
 def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace) -> str:
@@ -112,13 +140,18 @@ def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace)
     options = parse_options(args)
     family.validate()
     method.validate()
+    options.fused.check_method(method.name)
     options.loss.check_objective(family.v_prediction, has_noise_schedule=family.alphas_cumprod is not None)
     resume_position = read_position(options.saving.resume) if options.saving.resume else None
     _choose_seed(options.loop, resume_position)
     dataset = build_dataset_group(args, seed=options.loop.seed, prior_loss_weight=args.prior_loss_weight)
     if getattr(args, "debug_dataset", False):
         return ""
-    family.validate_run(dataset, method.trains_text_encoder)
+    options.sampling.check_family(family)
+    options.validation.check_dataset(dataset)
+    # validation images need the same caches (text-encoder outputs) as training images
+    family.validate_run(dataset.including_validation(), method.trains_text_encoder)
+    options.latents.check_dataset(dataset.including_validation())
 
     accelerator = _make_accelerator(options)
     _configure_threads(options.loop, accelerator)
@@ -129,9 +162,12 @@ def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace)
     load_start = time.perf_counter()
     models = family.load(WEIGHT_DTYPES[options.loop.mixed_precision])
     logger.info("models loaded in %.1f s", time.perf_counter() - load_start)
-    _place_models(models, accelerator.device, options.loop, method)
+    _place_models(family, models, accelerator.device, options.loop, method)
+    apply_attention(models, options.memory.attention)
     param_groups = method.setup(family, models)
-    family.before_training(models, dataset)
+    cast_trained_modules(method.trainable_modules(), options.memory)
+    family.before_training(models, dataset.including_validation())
+    cache_dataset_latents(options.latents, family, models, dataset.including_validation(), accelerator)
 
     dataloader = _make_dataloader(dataset, accelerator, args)
     schedule = _make_schedule(options.loop, len(dataloader))
@@ -142,13 +178,17 @@ def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace)
     # (LoRA hooks, a UNet inside the family's code), never through a DDP wrapper, so gradients are averaged by
     # hand across processes (_average_gradients) and the modules are registered only for state saving.
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    allow_half_gradients(accelerator, options.memory)
     for module in method.trainable_modules():
         accelerator.register_for_checkpointing(module)
+    fused = attach_fused_optimizers(options.fused, options.optimizer, optimizer, accelerator,
+                                    lambda: family.denoiser_blocks(models))
 
     generator = torch.Generator(device=accelerator.device).manual_seed(options.loop.seed)
     base_metadata = _base_metadata(family, method, options, dataset, schedule, started, args)
     run = Run(family, method, options, accelerator, models, dataset, dataloader, optimizer, lr_scheduler, schedule,
-              base_metadata, generator, StopRequest())
+              base_metadata, generator, StopRequest(), uploader=Uploader(options.hub, accelerator.is_main_process),
+              fused=fused)
     if options.saving.resume:
         _resume(run, options.saving.resume)
     start_trackers(accelerator, options.tracking, _script_name(), _tracker_config(args))
@@ -158,6 +198,7 @@ def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace)
     if options.saving.save_state or options.saving.save_state_on_train_end:
         _save_state(run, f"{options.loop.output_name}-state")
     accelerator.end_training()
+    run.uploader.finish()  # waits for background uploads; raises if any upload failed
     return path
 
 
@@ -193,9 +234,10 @@ def _configure_threads(loop: LoopOptions, accelerator) -> None:
     logger.info("training on the CPU with %d threads per process", threads)
 
 
-def _place_models(models: LoadedModels, device: torch.device, loop: LoopOptions, method: TrainingMethod) -> None:
-    for model in [models.denoiser, models.vae, *models.text_encoders]:
-        model.to(device)
+def _place_models(
+    family: ModelFamily, models: LoadedModels, device: torch.device, loop: LoopOptions, method: TrainingMethod
+) -> None:
+    family.place_models(models, device)
     if loop.gradient_checkpointing:
         models.denoiser.enable_gradient_checkpointing()
         if method.trains_text_encoder:
@@ -216,7 +258,12 @@ def _make_dataloader(dataset, accelerator, args: argparse.Namespace):
     return prepare_data_loader(loader, accelerator.device, num_processes=1, process_index=0, put_on_device=True)
 
 
-def _make_schedule(loop: LoopOptions, steps_per_epoch: int) -> Schedule:
+def _make_schedule(loop: LoopOptions, batches_per_epoch: int) -> Schedule:
+    accumulation = loop.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
+    if accumulation > 1:
+        logger.info("%d batches per epoch, %d per optimizer step (--gradient_accumulation_steps)", batches_per_epoch,
+                    accumulation)
     if loop.max_train_epochs is not None:
         num_epochs = loop.max_train_epochs
         total_steps = num_epochs * steps_per_epoch
@@ -224,7 +271,7 @@ def _make_schedule(loop: LoopOptions, steps_per_epoch: int) -> Schedule:
         total_steps = loop.max_train_steps
         num_epochs = math.ceil(total_steps / steps_per_epoch)
     logger.info("%d steps per epoch, %d epochs, %d steps in total", steps_per_epoch, num_epochs, total_steps)
-    return Schedule(steps_per_epoch, num_epochs, total_steps)
+    return Schedule(steps_per_epoch, num_epochs, total_steps, batches_per_epoch, accumulation)
 
 
 def _resume(run: Run, folder: str) -> None:
@@ -243,6 +290,8 @@ def _train_epochs(run: Run) -> None:
     accelerator, state = run.accelerator, run.state
     progress = tqdm(total=run.schedule.total_steps, initial=state.global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
+    if run.options.sampling.at_first:
+        draw_samples(run)
     while state.epoch < run.schedule.num_epochs and not run.finished:
         loader = run.dataloader
         if state.step_in_epoch:
@@ -253,13 +302,15 @@ def _train_epochs(run: Run) -> None:
         run.method.on_epoch_start(run.models)
         for batch in _batches(loader):
             loss = _train_step(run, batch)
-            state.global_step += 1
             state.step_in_epoch += 1
+            if loss is None:  # gradients accumulate until the last batch of the group
+                continue
+            state.global_step += 1
             _track_loss(run, loss, progress)
             _after_step(run)
             if run.finished:
                 break
-        if state.step_in_epoch >= run.schedule.steps_per_epoch:
+        if state.step_in_epoch >= run.schedule.batches_per_epoch:
             _end_epoch(run)
     _log_epoch_loss(run)  # the last epoch when the step limit ended it early
     progress.close()
@@ -282,9 +333,24 @@ def _batches(loader):
     yield from iterator
 
 
-def _train_step(run: Run, batch: dict) -> torch.Tensor:
+def _accumulation_group(run: Run) -> tuple[int, bool, bool]:
+    """For the batch about to run: (batches in its accumulation group, whether it starts the group, whether it
+    ends it). Groups are counted from the start of the epoch; the epoch's last group may be shorter."""
+    accumulation, done = run.schedule.accumulation, run.state.step_in_epoch
+    start = done - done % accumulation
+    size = max(1, min(accumulation, run.schedule.batches_per_epoch - start))
+    return size, done == start, done + 1 >= start + size
+
+
+def _train_step(run: Run, batch: dict) -> torch.Tensor | None:
+    """Forward and backward of one batch; the optimizer steps on the last batch of an accumulation group.
+
+    Returns the step's loss (the mean over the group's batches), or None while gradients still accumulate.
+    """
     family, models, accelerator = run.family, run.models, run.accelerator
-    run.method.on_step_start(models, run.state.global_step)
+    group_size, starts_group, ends_group = _accumulation_group(run)
+    if starts_group:
+        run.method.on_step_start(models, run.state.global_step)
     with accelerator.autocast():
         with torch.no_grad():
             # Latents precomputed by a cache or by finetune/prepare_buckets_latents.py arrive in the batch.
@@ -307,15 +373,32 @@ def _train_step(run: Run, batch: dict) -> torch.Tensor:
         loss_weights=inputs.weights * batch["loss_weights"].to(accelerator.device),
     )  # (B,)
     loss = per_sample.mean()
-    accelerator.backward(loss)
+    if group_size > 1:  # the group's gradients sum to those of the mean loss over its batches
+        accelerator.backward(loss / group_size)
+        group_loss = loss.detach() / group_size
+        run.state.group_loss = group_loss if run.state.group_loss is None else run.state.group_loss + group_loss
+        if not ends_group:
+            return None
+        loss, run.state.group_loss = run.state.group_loss, None
+    else:
+        accelerator.backward(loss)
+    if run.fused is not None:
+        run.fused.finish_backward()  # the optimizers stepped inside backward (gradients averaged, clipped, freed)
+    else:
+        _apply_gradients(run)
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def _apply_gradients(run: Run) -> None:
+    """Average the gradients across processes, clip their global norm and step the optimizer."""
+    accelerator = run.accelerator
     if accelerator.num_processes > 1:
         _average_gradients(_trainable_parameters(run), accelerator.num_processes)
     if run.options.optimizer.max_grad_norm > 0:
         accelerator.clip_grad_norm_(_trainable_parameters(run), run.options.optimizer.max_grad_norm)
     run.optimizer.step()
-    run.lr_scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
 
 
 def _average_gradients(parameters: list[torch.nn.Parameter], num_processes: int) -> None:
@@ -354,22 +437,29 @@ def _track_loss(run: Run, loss: torch.Tensor, progress) -> None:
     state.loss_sum = loss if state.loss_sum is None else state.loss_sum + loss
     state.loss_count += 1
     progress.update(1)
+    if run.options.tracking.trackers:
+        # kept on the device and read back together at the progress interval, so the curves get every step
+        tensors = {"loss/current": loss, "loss/average": state.loss_sum / state.loss_count}
+        state.pending_metrics.append(StepMetrics(state.global_step, tensors, _learning_rates(run)))
     if state.global_step % PROGRESS_INTERVAL == 0 or run.finished:
         current, average = loss.item(), (state.loss_sum / state.loss_count).item()
         progress.set_postfix(loss=f"{current:.4f}", avg=f"{average:.4f}")
-        if run.options.tracking.trackers:
-            logs = {"loss/current": current, "loss/average": average}
-            logs.update(_learning_rates(run))
-            run.accelerator.log(logs, step=state.global_step)
+        log_step_metrics(run.accelerator, state.pending_metrics)
 
 
 def _learning_rates(run: Run) -> dict[str, float]:
+    if run.fused is not None:
+        return run.fused.learning_rates(run.lr_scheduler)
     return current_learning_rates(run.optimizer, run.lr_scheduler)
 
 
 def _after_step(run: Run) -> None:
-    """Step saves (result, state, old ones removed) and a requested stop."""
+    """Sample images, validation, step saves (result, state, old ones removed) and a requested stop."""
     saving, state = run.options.saving, run.state
+    if run.options.sampling.due_after_step(state.global_step):
+        draw_samples(run)
+    if run.options.validation.due_after_step(state.global_step):
+        run_validation(run)
     if saving.is_step_save(state.global_step) and not run.finished:
         _save_result(run, saving.step_name(state.global_step))
         if saving.save_state:
@@ -399,6 +489,7 @@ def _log_epoch_loss(run: Run) -> None:
     state = run.state
     if state.loss_sum is None:
         return
+    log_step_metrics(run.accelerator, state.pending_metrics)  # trackers want the steps in order
     average = (state.loss_sum / state.loss_count).item()
     state.epoch_losses.append(average)
     state.loss_sum, state.loss_count = None, 0
@@ -415,6 +506,10 @@ def _end_epoch(run: Run) -> None:
     _log_epoch_loss(run)
     state.epoch += 1
     state.step_in_epoch = 0
+    if run.options.sampling.due_after_epoch(state.epoch):
+        draw_samples(run, epoch=state.epoch)
+    if run.options.validation.due_after_epoch(state.epoch):
+        run_validation(run)
     last = state.epoch >= run.schedule.num_epochs or run.finished
     if saving.is_epoch_save(state.epoch) and not last:
         _save_result(run, saving.epoch_name(state.epoch))
@@ -444,6 +539,7 @@ def _save_result(run: Run, name: str) -> str:
         run.method.save(path, metadata, accelerator.unwrap_model)
         set_optimizer_mode(run.optimizer, training=True)
         logger.info("saved %s", path)
+        run.uploader.upload_result(path)
     return path
 
 
@@ -452,6 +548,7 @@ def _save_state(run: Run, name: str) -> None:
     position = Position(state.global_step, state.epoch, state.step_in_epoch, run.options.loop.seed,
                         run.schedule.steps_per_epoch)
     save_state(run.accelerator, os.path.join(run.options.saving.output_dir, name), position, run.generator)
+    run.uploader.upload_state(os.path.join(run.options.saving.output_dir, name))
 
 
 def _script_name() -> str:
@@ -489,7 +586,10 @@ def _base_metadata(family, method, options: Options, dataset, schedule, started,
         "ss_max_grad_norm": optimizer.max_grad_norm,
         "ss_max_train_steps": schedule.total_steps,
         "ss_num_epochs": schedule.num_epochs,
-        "ss_num_batches_per_epoch": schedule.steps_per_epoch,
+        "ss_num_batches_per_epoch": schedule.batches_per_epoch,
+        "ss_gradient_accumulation_steps": loop.gradient_accumulation_steps,
+        "ss_cache_latents": options.latents.enabled,
+        "ss_full_fp16": options.memory.full_precision == "fp16",
         "ss_num_train_images": dataset.num_train_images,
         "ss_num_reg_images": dataset.num_reg_images,
         "ss_mixed_precision": loop.mixed_precision,
