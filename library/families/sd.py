@@ -71,7 +71,7 @@ def make_noise_scheduler(v_parameterization: bool):
     )
 
 
-def _empty_model(factory):
+def empty_model(factory):
     """Build a model with parameters on the meta device (no memory), buffers real; weights are assigned later."""
     from accelerate import init_empty_weights
 
@@ -79,7 +79,7 @@ def _empty_model(factory):
         return factory()
 
 
-def _assign_weights(model: torch.nn.Module, state_dict: dict, dtype: torch.dtype, what: str, source: str) -> None:
+def assign_weights(model: torch.nn.Module, state_dict: dict, dtype: torch.dtype, what: str, source: str) -> None:
     converted = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state_dict.items()}
     result = model.load_state_dict(converted, strict=False, assign=True)
     if result.missing_keys or result.unexpected_keys:
@@ -94,6 +94,35 @@ def _first(keys: list[str], count: int = 8) -> str:
         return "none"
     shown = ", ".join(keys[:count])
     return f"{len(keys)} ({shown}{', ...' if len(keys) > count else ''})"
+
+
+def add_shared_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the SD-derived families (sd, sdxl): caption length, VAE replacement, tokenizer folder."""
+    parser.add_argument(
+        "--max_token_length",
+        type=int,
+        default=None,
+        choices=[75, 150, 225],
+        help="caption length in tokens (default 75); 150 and 225 encode the caption in 75-token chunks",
+    )
+    parser.add_argument(
+        "--vae", type=str, default=None, help="replace the base model's VAE: a VAE file or diffusers VAE folder"
+    )
+    parser.add_argument(
+        "--tokenizer_cache_dir",
+        type=str,
+        default=None,
+        help="folder to read the CLIP tokenizer from, or to save it in on first use (for offline training)",
+    )
+
+
+def check_model_paths(model: str, vae: str | None) -> None:
+    """A checkpoint file or --vae that does not exist is reported before anything loads."""
+    looks_like_file = os.path.splitext(model)[1].lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+    if looks_like_file and not os.path.isfile(model):
+        raise CheckpointError(f"--pretrained_model_name_or_path: file not found: {model}")
+    if vae is not None and not os.path.exists(vae):
+        raise CheckpointError(f"--vae: file or folder not found: {vae}")
 
 
 class SDFamily(ModelFamily):
@@ -130,22 +159,7 @@ class SDFamily(ModelFamily):
             help="use the output of the N-th text encoder layer from the end (2 = penultimate). Leave unset for "
             "SD 2.x, which already conditions on the penultimate layer",
         )
-        parser.add_argument(
-            "--max_token_length",
-            type=int,
-            default=None,
-            choices=[75, 150, 225],
-            help="caption length in tokens (default 75); 150 and 225 encode the caption in 75-token chunks",
-        )
-        parser.add_argument(
-            "--vae", type=str, default=None, help="replace the base model's VAE: a VAE file or diffusers VAE folder"
-        )
-        parser.add_argument(
-            "--tokenizer_cache_dir",
-            type=str,
-            default=None,
-            help="folder to read the tokenizer from, or to save it in on first use (for offline training)",
-        )
+        add_shared_model_arguments(parser)
         add_weighted_caption_arguments(parser)
         parser.add_argument(
             "--no_token_padding",
@@ -167,12 +181,7 @@ class SDFamily(ModelFamily):
             )
         if options.v_parameterization and not options.v2:
             logger.warning("--v_parameterization without --v2: fine for v-prediction SD 1.x models, unusual otherwise")
-        path = options.pretrained_model_name_or_path
-        looks_like_file = os.path.splitext(path)[1].lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-        if looks_like_file and not os.path.isfile(path):
-            raise CheckpointError(f"--pretrained_model_name_or_path: file not found: {path}")
-        if options.vae is not None and not os.path.exists(options.vae):
-            raise CheckpointError(f"--vae: file or folder not found: {options.vae}")
+        check_model_paths(options.pretrained_model_name_or_path, options.vae)
 
     # ---- loading -------------------------------------------------------------------------------------------
 
@@ -204,13 +213,13 @@ class SDFamily(ModelFamily):
 
         # Upcasting attention costs nothing in fp32 and keeps SD 2.x from overflowing in fp16 (as its release does).
         unet_config = dict(arch.unet_config, upcast_attention=arch.v2)
-        unet = _empty_model(lambda: UNet2DConditionModel(**unet_config))
-        _assign_weights(unet, components.unet, weight_dtype, "UNet", path)
-        vae = _empty_model(lambda: AutoencoderKL(**arch.vae_config))
-        _assign_weights(vae, components.vae, weight_dtype, "VAE", path)
-        text_encoder = _empty_model(lambda: CLIPTextModel(CLIPTextConfig(**arch.text_config)))
+        unet = empty_model(lambda: UNet2DConditionModel(**unet_config))
+        assign_weights(unet, components.unet, weight_dtype, "UNet", path)
+        vae = empty_model(lambda: AutoencoderKL(**arch.vae_config))
+        assign_weights(vae, components.vae, weight_dtype, "VAE", path)
+        text_encoder = empty_model(lambda: CLIPTextModel(CLIPTextConfig(**arch.text_config)))
         text_state = sd_keys.text_encoder_to_model_keys(components.text_encoder, text_encoder)
-        _assign_weights(text_encoder, text_state, weight_dtype, "text encoder", path)
+        assign_weights(text_encoder, text_state, weight_dtype, "text encoder", path)
         tokenizer = load_clip_tokenizer(arch.v2, cache_dir=self.options.tokenizer_cache_dir)
         return LoadedModels(unet, vae, [text_encoder], [tokenizer], extras={"ldm_extras": components.extras})
 
@@ -262,8 +271,8 @@ class SDFamily(ModelFamily):
             return AutoencoderKL.from_pretrained(path, subfolder=subfolder, torch_dtype=weight_dtype)
         state_dict = load_state_dict(path, allow_pickle=self.options.allow_pickle)
         vae_config, vae_state = sd_keys.split_ldm_vae(state_dict, path)
-        vae = _empty_model(lambda: AutoencoderKL(**vae_config))
-        _assign_weights(vae, vae_state, weight_dtype, "VAE", path)
+        vae = empty_model(lambda: AutoencoderKL(**vae_config))
+        assign_weights(vae, vae_state, weight_dtype, "VAE", path)
         logger.info("VAE replaced by %s", path)
         return vae
 

@@ -26,8 +26,10 @@ from library.families.sd import (
     TOKENS_PER_CHUNK,
     SDFamily,
     SDOptions,
-    _assign_weights,
-    _empty_model,
+    add_shared_model_arguments,
+    assign_weights,
+    check_model_paths,
+    empty_model,
     merge_chunk_states,
     with_text_model_level,
 )
@@ -109,26 +111,11 @@ class SDXLFamily(SDFamily):
         parser.add_argument(
             "--v_parameterization", action="store_true", help="the base model predicts v (v-prediction SDXL models)"
         )
-        parser.add_argument(
-            "--max_token_length",
-            type=int,
-            default=None,
-            choices=[75, 150, 225],
-            help="caption length in tokens (default 75); 150 and 225 encode the caption in 75-token chunks",
-        )
-        parser.add_argument(
-            "--vae", type=str, default=None, help="replace the base model's VAE: a VAE file or diffusers VAE folder"
-        )
+        add_shared_model_arguments(parser)
         parser.add_argument(
             "--no_half_vae",
             action="store_true",
             help="keep the VAE in float32 under --mixed_precision fp16/bf16 (the SDXL VAE overflows in fp16)",
-        )
-        parser.add_argument(
-            "--tokenizer_cache_dir",
-            type=str,
-            default=None,
-            help="folder to read the CLIP tokenizer from, or to save it in on first use (for offline training)",
         )
         parser.add_argument(
             "--cache_text_encoder_outputs",
@@ -176,12 +163,7 @@ class SDXLFamily(SDFamily):
 
     def validate(self) -> None:
         options = self.options
-        path = options.pretrained_model_name_or_path
-        looks_like_file = os.path.splitext(path)[1].lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-        if looks_like_file and not os.path.isfile(path):
-            raise CheckpointError(f"--pretrained_model_name_or_path: file not found: {path}")
-        if options.vae is not None and not os.path.exists(options.vae):
-            raise CheckpointError(f"--vae: file or folder not found: {options.vae}")
+        check_model_paths(options.pretrained_model_name_or_path, options.vae)
         if self.weighted_captions:
             raise ConfigError("--weighted_captions is not supported for SDXL yet; remove it (captions are used as written)")
         for index, rate in enumerate(options.text_encoder_lrs, start=1):
@@ -231,16 +213,16 @@ class SDXLFamily(SDFamily):
             raise CheckpointError(f"{path}: {err}") from err
         logger.info("%s: SDXL checkpoint (original single-file layout)", path)
         del state_dict
-        unet = _empty_model(lambda: UNet2DConditionModel(**arch.unet_config))
-        _assign_weights(unet, parts.unet, weight_dtype, "UNet", path)
-        vae = _empty_model(lambda: AutoencoderKL(**arch.vae_config))
-        _assign_weights(vae, parts.vae, vae_dtype, "VAE", path)
-        text1 = _empty_model(lambda: CLIPTextModel(CLIPTextConfig(**arch.text_config1)))
-        _assign_weights(
+        unet = empty_model(lambda: UNet2DConditionModel(**arch.unet_config))
+        assign_weights(unet, parts.unet, weight_dtype, "UNet", path)
+        vae = empty_model(lambda: AutoencoderKL(**arch.vae_config))
+        assign_weights(vae, parts.vae, vae_dtype, "VAE", path)
+        text1 = empty_model(lambda: CLIPTextModel(CLIPTextConfig(**arch.text_config1)))
+        assign_weights(
             text1, sd_keys.text_encoder_to_model_keys(parts.text_encoder1, text1), weight_dtype, "text encoder 1", path
         )
-        text2 = _empty_model(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**arch.text_config2)))
-        _assign_weights(text2, parts.text_encoder2, weight_dtype, "text encoder 2", path)
+        text2 = empty_model(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**arch.text_config2)))
+        assign_weights(text2, parts.text_encoder2, weight_dtype, "text encoder 2", path)
         tokenizers = self._tokenizers(None)
         return LoadedModels(unet, vae, [text1, text2], tokenizers, extras={"sgm_extras": parts.extras})
 
