@@ -1,0 +1,73 @@
+"""The T5 tokenizer of FLUX.1 / SD3, found offline: a given folder, a diffusers model folder, a cache folder, or the
+hub cache. A folder needs `tokenizer.json` (what diffusers folders ship), or `spiece.model` with the sentencepiece
+package installed to convert it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from library.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+T5_TOKENIZER_REPO = "google/t5-v1_1-xxl"
+T5_FILES = ("tokenizer.json", "spiece.model")
+CACHE_SUBFOLDER = "t5xxl"  # inside --tokenizer_cache_dir, beside the CLIP tokenizer's files
+T5_VOCAB_SIZE = 32100  # the real tokenizer's pieces and extra ids; an offline hub lookup may return an empty one
+
+
+def _has_tokenizer(folder: str | None) -> bool:
+    return folder is not None and any(os.path.isfile(os.path.join(folder, name)) for name in T5_FILES)
+
+
+def _load(source: str, **kwargs):
+    from transformers import T5TokenizerFast
+
+    try:
+        return T5TokenizerFast.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, ImportError) as err:
+        logger.debug("no T5 tokenizer at %s: %s", source, err)
+        return None
+
+
+def candidate_folders(path: str | None, model_dir: str | None, cache_dir: str | None) -> list[str]:
+    """Local folders to look in, in order."""
+    folders = [path]
+    if model_dir is not None:
+        folders.append(os.path.join(model_dir, "tokenizer_2"))
+    if cache_dir is not None:
+        folders.append(os.path.join(cache_dir, CACHE_SUBFOLDER))
+    return [folder for folder in folders if folder is not None]
+
+
+def load_t5_tokenizer(path: str | None = None, model_dir: str | None = None, cache_dir: str | None = None):
+    """The T5 tokenizer from the first local folder that has one, else from the hub cache (never downloading).
+
+    With `cache_dir` given, a tokenizer found in the hub cache is saved there for fully offline runs.
+    """
+    if path is not None and not _has_tokenizer(path):
+        raise CheckpointError(f"--t5xxl_tokenizer {path}: no tokenizer.json or spiece.model in that folder")
+    for folder in candidate_folders(path, model_dir, cache_dir):
+        if _has_tokenizer(folder):
+            tokenizer = _load(folder)
+            if tokenizer is None:
+                raise CheckpointError(
+                    f"cannot read the T5 tokenizer in {folder}; a folder with only spiece.model needs the "
+                    "sentencepiece package (pip install sentencepiece==0.2.3), or add its tokenizer.json"
+                )
+            return tokenizer
+    tokenizer = _load(T5_TOKENIZER_REPO, local_files_only=True)
+    if tokenizer is not None and len(tokenizer) < T5_VOCAB_SIZE:
+        logger.debug("ignoring the %d-token tokenizer the offline hub lookup returned", len(tokenizer))
+        tokenizer = None
+    if tokenizer is None:
+        raise CheckpointError(
+            "no T5 tokenizer found offline: give --t5xxl_tokenizer <folder with tokenizer.json>, a diffusers FLUX "
+            f"folder (its tokenizer_2/), or --tokenizer_cache_dir with a {CACHE_SUBFOLDER}/ subfolder; a tokenizer of "
+            f"{T5_TOKENIZER_REPO} in the Hugging Face cache is used too"
+        )
+    if cache_dir is not None:
+        tokenizer.save_pretrained(os.path.join(cache_dir, CACHE_SUBFOLDER))
+    return tokenizer
