@@ -68,7 +68,8 @@ def test_text_prompt_file_skips_comments_and_blank_lines_and_keeps_defaults(tmp_
     prompts = read_prompt_file(str(path))
 
     assert prompts == [SamplePrompt("a dog"), SamplePrompt("a cat", sample_steps=4)]
-    assert (prompts[0].width, prompts[0].seed, prompts[0].scale, prompts[0].sample_steps) == (None, None, 7.5, 30)
+    # no scale given: the family's default applies when drawing (7.5 for SD, 3.5 for FLUX)
+    assert (prompts[0].width, prompts[0].seed, prompts[0].scale, prompts[0].sample_steps) == (None, None, None, 30)
 
 
 def test_toml_prompt_file_applies_shared_defaults_to_each_entry(tmp_path):
@@ -417,3 +418,11 @@ def test_last_sample_matches_diffusers_inference_with_the_saved_lora(sampled_run
 
     ours = np.asarray(Image.open(folder / last), dtype=np.int16)
     assert np.abs(ours - np.asarray(image, dtype=np.int16)).max() <= 1
+
+
+def test_families_default_sample_scale_suits_their_guidance():
+    from library.families import get_family_class
+
+    assert get_family_class("sd").default_sample_scale == 7.5
+    assert get_family_class("sdxl").default_sample_scale == 7.5
+    assert get_family_class("flux").default_sample_scale == 3.5

@@ -40,6 +40,8 @@ class ModelFamily(ABC):
     id: ClassVar[str]
     # Side of sample images drawn without --w / --h; None: the family cannot draw sample images yet.
     default_sample_size: ClassVar[int | None] = None
+    # CFG scale of sample images whose prompt gives none (--l); FLUX uses it as the guidance its dev model embeds
+    default_sample_scale: ClassVar[float] = 7.5
 
     def __init__(self, args: argparse.Namespace):
         self.args = args

@@ -173,6 +173,7 @@ class FluxFamily(ModelFamily):
 
     id = "flux"
     default_sample_size = 1024
+    default_sample_scale = 3.5  # the guidance value the dev model was distilled for
 
     def __init__(self, args: argparse.Namespace):
         super().__init__(args)

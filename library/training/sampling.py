@@ -60,7 +60,6 @@ SCIPY_SAMPLERS = ("lms",)  # diffusers' LMS scheduler integrates its coefficient
 
 SIZE_STEP = 8  # sample sides are rounded down to a multiple of the VAE's downscaling factor ...
 MIN_SIZE = 64  # ... and kept at least this large
-DEFAULT_SCALE = 7.5
 DEFAULT_STEPS = 30
 
 # Prompt-file keys: the per-line option letter of .txt files and the key of .toml / .json entries.
@@ -106,14 +105,14 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 @dataclass(frozen=True)
 class SamplePrompt:
-    """One sample image to draw. None: the family's default size, or a seed derived from the run's seed."""
+    """One sample image to draw. None: the family's default size and scale, or a seed derived from the run's seed."""
 
     prompt: str
     negative_prompt: str = ""
     width: int | None = None
     height: int | None = None
     seed: int | None = None
-    scale: float = DEFAULT_SCALE
+    scale: float | None = None
     sample_steps: int = DEFAULT_STEPS
 
 
@@ -429,6 +428,7 @@ def _draw_one(run: Run, pipeline, prompt: SamplePrompt, index: int, folder: str,
     family, models, accelerator = run.family, run.models, run.accelerator
     seed = prompt.seed if prompt.seed is not None else run.options.loop.seed + index
     width, height = sample_size(prompt, family.default_sample_size)
+    scale = prompt.scale if prompt.scale is not None else family.default_sample_scale
     generator = torch.Generator().manual_seed(seed)  # on the CPU: the same image from the same seed on any device
     with accelerator.autocast():
         inputs = family.sample_prompt_inputs(models, prompt.prompt, prompt.negative_prompt)
@@ -437,11 +437,11 @@ def _draw_one(run: Run, pipeline, prompt: SamplePrompt, index: int, folder: str,
             width=width,
             height=height,
             num_inference_steps=prompt.sample_steps,
-            guidance_scale=prompt.scale,
+            guidance_scale=scale,
             generator=generator,
         ).images[0]
     path = os.path.join(folder, sample_file_name(run.options.loop.output_name, when, index, timestamp, seed))
-    described = replace(prompt, width=width, height=height, seed=seed)
+    described = replace(prompt, width=width, height=height, seed=seed, scale=scale)
     save_png(image, path, png_parameters(described, run.options.sampling.sampler))
     return path
 
