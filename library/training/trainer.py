@@ -342,15 +342,9 @@ def _accumulation_group(run: Run) -> tuple[int, bool, bool]:
     return size, done == start, done + 1 >= start + size
 
 
-def _train_step(run: Run, batch: dict) -> torch.Tensor | None:
-    """Forward and backward of one batch; the optimizer steps on the last batch of an accumulation group.
-
-    Returns the step's loss (the mean over the group's batches), or None while gradients still accumulate.
-    """
+def _batch_loss(run: Run, batch: dict) -> torch.Tensor:
+    """The forward pass of one batch and its loss (mean of the per-sample losses)."""
     family, models, accelerator = run.family, run.models, run.accelerator
-    group_size, starts_group, ends_group = _accumulation_group(run)
-    if starts_group:
-        run.method.on_step_start(models, run.state.global_step)
     with accelerator.autocast():
         with torch.no_grad():
             # Latents precomputed by a cache or by finetune/prepare_buckets_latents.py arrive in the batch.
@@ -372,7 +366,19 @@ def _train_step(run: Run, batch: dict) -> torch.Tensor | None:
         masks=masks.to(accelerator.device) if masks is not None else None,
         loss_weights=inputs.weights * batch["loss_weights"].to(accelerator.device),
     )  # (B,)
-    loss = per_sample.mean()
+    return per_sample.mean()
+
+
+def _train_step(run: Run, batch: dict) -> torch.Tensor | None:
+    """Forward and backward of one batch; the optimizer steps on the last batch of an accumulation group.
+
+    Returns the step's loss (the mean over the group's batches), or None while gradients still accumulate.
+    """
+    group_size, starts_group, ends_group = _accumulation_group(run)
+    if starts_group:
+        run.method.on_step_start(run.models, run.state.global_step)
+    loss = _batch_loss(run, batch)
+    accelerator = run.accelerator
     if group_size > 1:  # the group's gradients sum to those of the mean loss over its batches
         accelerator.backward(loss / group_size)
         group_loss = loss.detach() / group_size
