@@ -125,12 +125,15 @@ def test_sdxl_lora_loads_in_diffusers_and_matches_our_network(trained_lora, tiny
         torch.testing.assert_close(after, own, rtol=1e-4, atol=1e-5)
 
 
-def test_sdxl_lora_from_diffusers_folder_with_text_outputs_cached_on_disk(tiny_sdxl_dir, tokenizer_dir, tmp_path):
+def test_sdxl_lora_from_diffusers_folder_with_text_outputs_and_latents_cached_on_disk(
+    tiny_sdxl_dir, tokenizer_dir, tmp_path
+):
     from library.testing.toy_data import write_toy_dataset
 
     dataset = write_toy_dataset(str(tmp_path / "data"), count=4, batch_size=2)
     model = os.path.join(tiny_sdxl_dir, "sdxl-diffusers")
-    extra = ["--cache_text_encoder_outputs_to_disk", "--network_train_unet_only", "--network_dim", "4"]
+    extra = ["--cache_text_encoder_outputs_to_disk", "--cache_latents_to_disk", "--network_train_unet_only",
+             "--network_dim", "4"]
     result = run_cli(
         sdxl_args("sdxl_train_network.py", model, dataset, str(tmp_path / "out"), tokenizer_dir, *extra), tmp_path
     )
@@ -141,6 +144,9 @@ def test_sdxl_lora_from_diffusers_folder_with_text_outputs_cached_on_disk(tiny_s
     cache_files = [name for name in os.listdir(tmp_path / "data" / "images") if name.endswith("_sdxl_te.safetensors")]
     assert len(cache_files) == 4
     assert "4 captions encoded, 0 read from disk" in result.stderr + result.stdout
+    assert "latent cache: 4 images encoded, 0 reused" in result.stderr + result.stdout
+    latent_files = [name for name in os.listdir(tmp_path / "data" / "images") if name.endswith("_latents.safetensors")]
+    assert len(latent_files) == 4
 
 
 def test_sdxl_train_fine_tunes_with_per_encoder_and_block_rates_and_saves_sgm(
