@@ -4,7 +4,8 @@ Usage: python benchmarks/dataset_startup.py [--folder /tmp/dataset_startup_bench
 
 The images (PNG and JPEG, 64..768 px per side, half with caption files) are generated once into --folder and
 reused. Each measurement runs in a fresh Python process and prints one JSON line:
-{"name", "family": null, "settings", "device": "cpu", "seconds", "peak_rss_bytes", "versions"}.
+{"name", "family": null, "settings", "device": "cpu", "seconds", "peak_rss_bytes", "versions", ...}
+(benchmarks/harness.py); with --results the lines are also appended to that file.
 - cold: the image and caption files are evicted from the OS page cache first (posix_fadvise DONTNEED; folder
   entries stay cached), no metadata cache;
 - warm: the same again, files now in the page cache;
@@ -17,14 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from multiprocessing import Pool
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import harness
+
+REPO_ROOT = harness.REPO_ROOT
 SUBSETS = 4  # the images are spread over this many folders (subsets), as real datasets often are
 
 
@@ -116,7 +120,7 @@ def child(config: str) -> None:
     print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak} | counts))
 
 
-def measure(name: str, config: str, settings: dict) -> None:
+def measure(name: str, config: str, settings: dict, results: str | None) -> None:
     result = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--child", config], capture_output=True, text=True, check=True
     )
@@ -127,36 +131,14 @@ def measure(name: str, config: str, settings: dict) -> None:
         "steps_per_epoch": data["steps"],
         "peak_rss_after_imports_bytes": data["imported"],
     }
-    record = {
-        "name": name,
-        "family": None,
-        "settings": settings,
-        "device": "cpu",
-        "seconds": round(data["seconds"], 4),
-        "peak_rss_bytes": data["peak_rss_bytes"],
-        "versions": versions(),
-    }
-    print(json.dumps(record), flush=True)
-
-
-def versions() -> dict[str, str]:
-    import cv2
-    import numpy
-    import PIL
-
-    return {
-        "python": platform.python_version(),
-        "numpy": numpy.__version__,
-        "pillow": PIL.__version__,
-        "opencv": cv2.__version__,
-        "cpus": str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()),
-    }
+    harness.emit(harness.make_record(name, None, settings, "cpu", [data["seconds"]], data["peak_rss_bytes"]), results)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", default="/tmp/dataset_startup_bench", help="where the images are (generated once)")
     parser.add_argument("--count", type=int, default=10000, help="number of images")
+    parser.add_argument("--results", default=None, help="also append every JSON line to this file")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -168,10 +150,14 @@ def main() -> None:
     settings = {"resolution": 512, "enable_bucket": True, "subsets": SUBSETS, "formats": "png+jpg"}
     remove_caches(folder)
     evict_page_cache(folder)
-    measure("dataset_startup_cold", plain, settings | {"cache_info": False, "page_cache": "evicted"})
-    measure("dataset_startup_warm", plain, settings | {"cache_info": False, "page_cache": "warm"})
-    measure("dataset_startup_cache_info_first", cached, settings | {"cache_info": True, "cache_file": "absent"})
-    measure("dataset_startup_cache_info_warm", cached, settings | {"cache_info": True, "cache_file": "present"})
+    runs = [
+        ("dataset_startup_cold", plain, {"cache_info": False, "page_cache": "evicted"}),
+        ("dataset_startup_warm", plain, {"cache_info": False, "page_cache": "warm"}),
+        ("dataset_startup_cache_info_first", cached, {"cache_info": True, "cache_file": "absent"}),
+        ("dataset_startup_cache_info_warm", cached, {"cache_info": True, "cache_file": "present"}),
+    ]
+    for name, config, extra in runs:
+        measure(name, config, settings | extra, args.results)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Throughput of finetune/prepare_buckets_latents.py with the full-size SD VAE (random weights), in images/second.
 
 The checkpoint pairs the released VAE architecture with a tiny UNet and text encoder, so only the VAE costs time.
-Prints one JSON line: {"name", "family", "settings", "device", "seconds", "images_per_second",
-"cpu_seconds_per_image", "versions"}; `seconds` is the encoding phase (model loading is in settings).
+Prints one JSON line (benchmarks/harness.py) with `images_per_second` and `cpu_seconds_per_image`; `seconds` is the
+encoding phase (model loading is in settings).
 Usage: python benchmarks/prepare_buckets_latents_throughput.py --count 16 --size 256 --batch_size 4
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks import harness
 from finetune import prepare_buckets_latents as tool
 from library.checkpoints import sd_keys
 from library.testing import tiny_configs
@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--results", default=None, help="also append the JSON line to this file")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         model = write_model(os.path.join(work, "sd-full-vae.safetensors"))
@@ -99,25 +100,22 @@ def main() -> None:
         encoding = tool.EncodeOptions.from_args(tool_args)
         tool.encode_all(plan, list(range(len(plan.paths))), encoder, encoding, tool.SkippedFiles())
         seconds, cpu_seconds = time.perf_counter() - loaded, time.process_time() - cpu_start
-    record = {
-        "name": "prepare_buckets_latents",
-        "family": "sd",
-        "settings": {
-            "images": args.count,
-            "size": args.size,
-            "batch_size": args.batch_size,
-            "mixed_precision": args.mixed_precision,
-            "torch_threads": torch.get_num_threads(),
-            "model_load_seconds": round(loaded - started, 2),
-        },
-        "device": str(next(encoder.models.vae.parameters()).device),
-        "seconds": round(seconds, 3),
-        "images_per_second": round(args.count / seconds, 3),
-        # CPU time shows the cost even when other jobs share the cores (wall time then mostly measures waiting)
-        "cpu_seconds_per_image": round(cpu_seconds / args.count, 3),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "cpus": str(os.cpu_count())},
+    settings = {
+        "images": args.count,
+        "size": args.size,
+        "batch_size": args.batch_size,
+        "mixed_precision": args.mixed_precision,
+        "torch_threads": torch.get_num_threads(),
+        "model_load_seconds": round(loaded - started, 2),
     }
-    print(json.dumps(record), flush=True)
+    device = str(next(encoder.models.vae.parameters()).device)
+    record = harness.make_record(
+        "prepare_buckets_latents", "sd", settings, device, [seconds], harness.peak_rss_bytes(),
+        harness.peak_gpu_bytes(), images_per_second=round(args.count / seconds, 3),
+        # CPU time shows the cost even when other jobs share the cores (wall time then mostly measures waiting)
+        cpu_seconds_per_image=round(cpu_seconds / args.count, 3),
+    )
+    harness.emit(record, args.results)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,57 @@
+"""The benchmark harness still measures a real training run, and a model load keeps no view of its checkpoint file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from library.families.sd import SDFamily
+from tests.conftest import REPO_ROOT
+from tests.test_sd_family import family_args
+
+
+def test_train_step_benchmark_measures_two_steps_of_the_tiny_model(tiny_models_dir, tokenizer_dir, tmp_path):
+    work = tmp_path / "work"
+    (work / "tiny").mkdir(parents=True)
+    (work / "tiny" / "sd1.safetensors").symlink_to(os.path.join(tiny_models_dir, "sd1.safetensors"))
+    (work / "tokenizer").symlink_to(tokenizer_dir)
+    results = tmp_path / "results.jsonl"
+    command = [sys.executable, "benchmarks/train_step.py", "--model", "tiny", "--settings", "lora_unet_te",
+               "--rounds", "1", "--warmup", "1", "--steps", "1", "--no_floor", "--launcher", "python",
+               "--threads", "1", "--images", "2", "--resolution", "64", "--work_dir", str(work),
+               "--results", str(results)]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (record,) = [json.loads(line) for line in results.read_text().splitlines()]
+    assert record["name"] == "train_step/tiny/lora_unet_te"
+    assert record["repeats"] == 1 and record["seconds"] > 0
+    phases = record["phases"]
+    assert 0 < phases["python_started"] < phases["train"] < phases["_place_models"] <= phases["first_step"]
+    assert record["launch_to_first_step_seconds"] == phases["first_step"]
+    assert record["peak_rss_bytes"] >= record["rss_at_first_step_bytes"] > 100 * 2**20
+    assert record["settings"]["threads"] == 1 and record["versions"]["torch"] == torch.__version__
+
+
+def _mapped_ranges(path: str) -> list[tuple[int, int]]:
+    ranges = []
+    with open("/proc/self/maps", encoding="ascii", errors="replace") as handle:
+        for line in handle:
+            if line.rstrip().endswith(os.path.realpath(path)):
+                start, end = line.split()[0].split("-")
+                ranges.append((int(start, 16), int(end, 16)))
+    return ranges
+
+
+def test_sd_load_keeps_no_extra_tensor_inside_the_checkpoint_file_mapping(tiny_models_dir, tokenizer_dir):
+    # Weights converted to another dtype leave the file; one small extra left as a view of the file would keep
+    # every page of it resident for the whole run (2 GB for an fp16 SD 1.5 file trained in fp32).
+    path = os.path.join(tiny_models_dir, "sd1.safetensors")
+    models = SDFamily(family_args(path, tokenizer_cache_dir=tokenizer_dir)).load(torch.float32)
+    extras = list(models.extras["ldm_extras"].values())
+    ranges = _mapped_ranges(path)
+    assert ranges, "the fp32 weights of an fp32 file are used in place, so the file is mapped"
+    assert extras and not [t for t in extras for start, end in ranges if start <= t.data_ptr() < end]
