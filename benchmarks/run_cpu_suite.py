@@ -3,8 +3,8 @@
 Usage: python benchmarks/run_cpu_suite.py [--name 2026-11-21-cpu] [--skip_full_size] [--full_finetune]
 
 Writes benchmarks/results/<name>.jsonl (appended) and benchmarks/results/<name>.md (rewritten from all its
-lines). About 15 minutes on 2 cores; the full-size SD 1.5 model (~2 GB) and the images are written once into
---work_dir first (about 30 s). Runs never overlap: full-size runs hold about 5-7 GB each.
+lines). 11 minutes on 2 idle cores (more when other jobs share them); the full-size SD 1.5 model (~2 GB) and the
+images are written once into --work_dir first (about 30 s). Runs never overlap: full-size runs hold 5-7 GB each.
 Order: dataset start-up (10,000 images, generated once), tiny-model steps (LoRA with and without cached latents
 and full fine-tuning next to the floor; the same with gradient checkpointing, ours only), loader throughput,
 full-size LoRA steps with and without cached latents (two rounds of ours and the floor), the LoRA step again with

@@ -224,7 +224,9 @@ class SDXLFamily(SDFamily):
         text2 = empty_model(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**arch.text_config2)))
         assign_weights(text2, parts.text_encoder2, weight_dtype, "text encoder 2", path)
         tokenizers = self._tokenizers(None)
-        return LoadedModels(unet, vae, [text1, text2], tokenizers, extras={"sgm_extras": parts.extras})
+        # copies, not views: a view into the memory-mapped file would keep all of its pages resident for the run
+        extras = {key: value.clone() for key, value in parts.extras.items()}
+        return LoadedModels(unet, vae, [text1, text2], tokenizers, extras={"sgm_extras": extras})
 
     def _load_diffusers(self, path: str, weight_dtype: torch.dtype, vae_dtype: torch.dtype) -> LoadedModels:
         from diffusers import AutoencoderKL, UNet2DConditionModel
