@@ -127,3 +127,16 @@ class TextOutputCache:
         key = content_key(self.fingerprint, caption)
         write_cache_file(self.cache_path(path), self.entries[caption], {CACHE_KEY: key})
 
+
+
+def cache_text_outputs(dataset, text_encoders, fingerprint: str, suffix: str | None, encode):
+    """Encode (or read back) every fixed caption of `dataset` once, then move the text encoders off the device.
+
+    Returns the filled cache and (captions encoded, cache files read).
+    """
+    cache = TextOutputCache(fingerprint, suffix)
+    encoded, read = cache.fill(fixed_captions(dataset), encode)
+    logger.info("text-encoder outputs cached: %d captions encoded, %d read from disk", encoded, read)
+    for encoder in text_encoders:  # no longer needed on the device
+        encoder.to("cpu")
+    return cache, (encoded, read)

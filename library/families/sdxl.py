@@ -345,15 +345,10 @@ class SDXLFamily(SDFamily):
         if not self.options.cache_text_encoder_outputs:
             return
         suffix = "_sdxl_te.safetensors" if self.options.cache_text_encoder_outputs_to_disk else None
-        cache = text_cache.TextOutputCache(self._text_fingerprint(models), suffix)
-        encoded, read = cache.fill(
-            text_cache.fixed_captions(dataset), lambda captions: self.encode_text(models, captions)
+        self.text_cache, self.text_cache_counts = text_cache.cache_text_outputs(
+            dataset, models.text_encoders, self._text_fingerprint(models), suffix,
+            lambda captions: self.encode_text(models, captions),
         )
-        logger.info("text-encoder outputs cached: %d captions encoded, %d read from disk", encoded, read)
-        self.text_cache_counts = (encoded, read)
-        for encoder in models.text_encoders:  # no longer needed on the device
-            encoder.to("cpu")
-        self.text_cache = cache
 
     def _text_fingerprint(self, models: LoadedModels) -> str:
         tensors = [param for encoder in models.text_encoders for param in encoder.parameters()]
