@@ -109,7 +109,7 @@ def trainable_parameters(models: FloorModels, method: str, train_text_encoder: b
     if method == "full":
         models.unet.requires_grad_(True)
         return list(models.unet.parameters())
-    from library.families.sd import with_text_model_level
+    from library.adapters.targets import with_text_model_level
     from networks import lora
 
     text_view = with_text_model_level(models.text_encoder)
@@ -124,10 +124,9 @@ def trainable_parameters(models: FloorModels, method: str, train_text_encoder: b
 def make_step(models: FloorModels, batches: FloorBatches, optimizer: torch.optim.Optimizer, cached: bool,
               train_text_encoder: bool) -> Callable[[], None]:
     """One training step per call, cycling through the images."""
-    from diffusers import DDPMScheduler
+    from library.checkpoints.sd_configs import ddpm_scheduler
 
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear", clip_sample=False)
+    scheduler = ddpm_scheduler(v_parameterization=False)
     position = {"index": 0}
 
     def step() -> None:

@@ -31,7 +31,7 @@ def build_transformer(config_name: str):
     from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel
 
-    from library.families import flux_configs
+    from library.checkpoints import flux_configs
     from library.testing import tiny_configs
 
     config = flux_configs.transformer_config("dev") if config_name == "dev" else tiny_configs.tiny_flux_transformer_config()

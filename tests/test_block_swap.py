@@ -12,7 +12,7 @@ from torch import nn
 
 from library.errors import ConfigError
 from library.families.flux import FluxFamily, image_position_ids, pack_latents
-from library.families.flux_configs import transformer_config
+from library.checkpoints.flux_configs import transformer_config
 from library.testing import tiny_configs
 from library.training import fp8
 from library.training.block_swap import BlockRunner, OffloadOptions, ResidencyRecorder, swap_plan

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from library.checkpoints import flux_files, flux_keys
 from library.errors import CheckpointError
-from library.families import flux_configs
+from library.checkpoints import flux_configs
 
 
 @pytest.fixture(autouse=True)

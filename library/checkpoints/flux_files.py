@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
-from library.checkpoints import flux_keys, sd_keys
+from library.checkpoints import flux_configs, flux_keys, sd_keys
 from library.checkpoints.files import load_state_dict, save_state_dict
+from library.checkpoints.weights import assign_weights, empty_model
 from library.errors import CheckpointError
-from library.families import flux_configs
 
 logger = logging.getLogger(__name__)
 
@@ -52,46 +52,27 @@ def read_component(path: str, component: str, allow_pickle: bool = False) -> dic
     return state_dict
 
 
-def _empty(factory):
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
-        return factory()
-
-
-def _assign(model: torch.nn.Module, state: dict, dtype: torch.dtype, what: str, source: str) -> torch.nn.Module:
-    """Load `state` into a model built on the meta device; floating tensors (fp8 included) are cast to `dtype`."""
-    converted = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()}
-    result = model.load_state_dict(converted, strict=False, assign=True)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"{source}: the {what} weights do not fit the model: missing {sorted(result.missing_keys)[:5]}, "
-            f"unexpected {sorted(result.unexpected_keys)[:5]}"
-        )
-    return model
-
-
 def load_transformer(path: str, dtype: torch.dtype, allow_pickle: bool = False) -> torch.nn.Module:
     from diffusers import FluxTransformer2DModel
 
     config, state = flux_keys.split_transformer(read_component(path, "transformer", allow_pickle), path)
     logger.info("%s: FLUX.1 [%s] transformer (BFL layout)", path, flux_keys.variant(config))
-    return _assign(_empty(lambda: FluxTransformer2DModel(**config)), state, dtype, "transformer", path)
+    return assign_weights(empty_model(lambda: FluxTransformer2DModel(**config)), state, dtype, "transformer", path)
 
 
 def load_ae(path: str, dtype: torch.dtype, allow_pickle: bool = False) -> torch.nn.Module:
     from diffusers import AutoencoderKL
 
     config, state = flux_keys.split_ae(read_component(path, "ae", allow_pickle), path)
-    return _assign(_empty(lambda: AutoencoderKL(**config)), state, dtype, "AE", path)
+    return assign_weights(empty_model(lambda: AutoencoderKL(**config)), state, dtype, "AE", path)
 
 
 def load_clip_l(path: str, dtype: torch.dtype, allow_pickle: bool = False) -> torch.nn.Module:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config, state = flux_keys.split_clip_l(read_component(path, "clip_l", allow_pickle), path)
-    model = _empty(lambda: CLIPTextModel(CLIPTextConfig(**config)))
-    return _assign(model, sd_keys.text_encoder_to_model_keys(state, model), dtype, "CLIP-L", path)
+    model = empty_model(lambda: CLIPTextModel(CLIPTextConfig(**config)))
+    return assign_weights(model, sd_keys.text_encoder_to_model_keys(state, model), dtype, "CLIP-L", path)
 
 
 def load_t5xxl(path: str, dtype: torch.dtype, allow_pickle: bool = False) -> torch.nn.Module:
@@ -101,7 +82,7 @@ def load_t5xxl(path: str, dtype: torch.dtype, allow_pickle: bool = False) -> tor
     if any(value.dtype == torch.float8_e4m3fn for value in state_dict.values()):
         logger.info("%s: float8 e4m3fn weights, cast to %s", path, dtype)
     config, state = flux_keys.split_t5xxl(state_dict, path)
-    model = _assign(_empty(lambda: T5EncoderModel(T5Config(**config))), state, dtype, "T5-XXL", path)
+    model = assign_weights(empty_model(lambda: T5EncoderModel(T5Config(**config))), state, dtype, "T5-XXL", path)
     model.encoder.embed_tokens = model.shared  # one embedding, as the model ties it
     return model
 

@@ -12,11 +12,10 @@ from collections.abc import Iterator, Mapping
 
 from torch import Tensor
 
-from library.checkpoints import sd_keys
+from library.checkpoints import flux_configs, sd_keys
 from library.checkpoints.keymap import Entry, KeyMap, check_keys
 from library.checkpoints.sd_keys import Shapes
 from library.errors import CheckpointError
-from library.families import flux_configs
 
 COMFY_PREFIX = "model.diffusion_model."  # ComfyUI saves the transformer under this prefix
 _WB = ("weight", "bias")

@@ -11,10 +11,10 @@ import logging
 import torch
 
 from library.atomic import atomic_path
-from library.checkpoints import sd_keys
+from library.checkpoints import sd_configs, sd_keys
 from library.checkpoints.files import save_state_dict
 from library.errors import CheckpointError, ConfigError
-from library.families.base import LoadedModels
+from library.models import LoadedModels
 
 logger = logging.getLogger(__name__)
 
@@ -88,22 +88,6 @@ def save_single_file(
     save_state_dict(checkpoint, path, dict(metadata, **{"modelspec.implementation": LDM_IMPLEMENTATION}))
 
 
-def default_scheduler(v_parameterization: bool):
-    """The DDIM sampler settings of the SD releases' diffusers folders (scaled-linear betas 0.00085..0.012)."""
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="v_prediction" if v_parameterization else "epsilon",
-    )
-
-
 def save_diffusers_folder(models: LoadedModels, path: str, v_parameterization: bool, safe_serialization: bool) -> None:
     """A diffusers model folder (UNet, VAE, text encoder, tokenizer, scheduler) that StableDiffusionPipeline loads."""
     from diffusers import StableDiffusionPipeline
@@ -113,7 +97,7 @@ def save_diffusers_folder(models: LoadedModels, path: str, v_parameterization: b
         text_encoder=models.text_encoders[0],
         tokenizer=models.tokenizers[0],
         unet=models.denoiser,
-        scheduler=default_scheduler(v_parameterization),
+        scheduler=sd_configs.ddim_scheduler(v_parameterization),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -11,11 +11,11 @@ import logging
 import torch
 
 from library.atomic import atomic_path
-from library.checkpoints import sd_keys, sdxl_keys
+from library.checkpoints import sd_configs, sd_keys, sdxl_keys
 from library.checkpoints.files import save_state_dict
 from library.checkpoints.sd_save import DIFFUSERS_FORMATS, LDM_IMPLEMENTATION, SAVE_FORMATS, SINGLE_FILE_FORMATS
 from library.errors import ConfigError
-from library.families.base import LoadedModels
+from library.models import LoadedModels
 
 logger = logging.getLogger(__name__)
 
@@ -67,17 +67,9 @@ def sgm_checkpoint(models: LoadedModels) -> dict[str, torch.Tensor]:
 
 def save_diffusers_folder(models: LoadedModels, path: str, v_parameterization: bool, safe_serialization: bool) -> None:
     """A diffusers folder that StableDiffusionXLPipeline loads (both tokenizers, the release's Euler sampler)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline
 
-    scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        timestep_spacing="leading",
-        prediction_type="v_prediction" if v_parameterization else "epsilon",
-    )
+    scheduler = sd_configs.euler_scheduler(v_parameterization)
     encoder1, encoder2 = models.text_encoders
     pipeline = StableDiffusionXLPipeline(
         vae=models.vae,

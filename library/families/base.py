@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import argparse
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
+from library.adapters.targets import TargetTable
 from library.errors import ConfigError
+from library.models import LoadedModels
 from library.training.noise import NoiseOptions
 
-
-@dataclass
-class LoadedModels:
-    """The models of one family, ready for training."""
-
-    denoiser: torch.nn.Module
-    vae: torch.nn.Module
-    text_encoders: list[torch.nn.Module]
-    tokenizers: list[Any]
-    extras: dict[str, Any] = field(default_factory=dict)
+__all__ = ["LoadedModels", "ModelFamily", "TrainingInputs"]
 
 
 @dataclass
@@ -107,6 +101,21 @@ class ModelFamily(ABC):
     def network_denoiser(self, models: LoadedModels) -> torch.nn.Module:
         """The denoiser as adapter-network plugins should see it (module names define LoRA key names)."""
         return models.denoiser
+
+    @classmethod
+    def adapter_targets_for(
+        cls, text_encoders: Sequence[torch.nn.Module], denoiser: torch.nn.Module | None
+    ) -> TargetTable | None:
+        """The adapter targets of models as plugins see them (`network_text_encoders`, `network_denoiser`), or None
+        when they are not this family's models. The table the LoRA network, the LoRA tools and the loaders share."""
+        return None
+
+    def adapter_targets(self, models: LoadedModels) -> TargetTable:
+        """The adapter targets of the loaded models (see `adapter_targets_for`)."""
+        table = self.adapter_targets_for(self.network_text_encoders(models), self.network_denoiser(models))
+        if table is None:
+            raise ConfigError(f"the {self.id} family names no layers for adapter networks")
+        return table
 
     @classmethod
     def add_method_arguments(cls, method: str, parser: argparse.ArgumentParser) -> None:

@@ -15,14 +15,22 @@ from dataclasses import dataclass
 
 import torch
 
-from library.checkpoints import flux_files, flux_keys
+from library.adapters.targets import (
+    UNET_PREFIX,
+    AdapterTarget,
+    TargetArgs,
+    TargetTable,
+    clip_targets,
+    lora_name,
+    t5_targets,
+    with_text_model_level,
+)
+from library.checkpoints import flux_configs, flux_files, flux_keys
 from library.checkpoints.t5_tokenizer import load_t5_tokenizer
 from library.checkpoints.tokenizers import load_clip_tokenizer
 from library.data import text_cache
 from library.errors import CheckpointError, ConfigError
-from library.families import flux_configs
 from library.families.base import LoadedModels, ModelFamily, TrainingInputs
-from library.families.sd import with_text_model_level
 from library.training import flow_matching, fp8
 from library.training.block_swap import BlockRunner, OffloadOptions, add_offload_arguments
 from library.training.noise import NoiseOptions
@@ -33,6 +41,18 @@ BASE_MODEL_VERSION = "flux1"
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")  # double blocks, single blocks
 TEXT_CACHE_SUFFIX = "_flux_te.safetensors"
 CAPTION_KEYS = ("pooled_projections", "encoder_hidden_states", "t5_attention_mask")
+# Adapter targets: CLIP-L is `lora_te1`, T5-XXL `lora_te3` (kohya's numbering), the transformer is named by the BFL
+# layout. Network args of the reference's FLUX network pick ranks per module kind and blocks per list.
+IN_LAYERS = ("img_in", "time_in", "vector_in", "guidance_in", "txt_in")
+FLUX_TARGET_ARGS = TargetArgs(
+    kind_dims={"img_attn_dim": ("img_attn",), "txt_attn_dim": ("txt_attn",), "img_mlp_dim": ("img_mlp",),
+               "txt_mlp_dim": ("txt_mlp",), "img_mod_dim": ("img_mod",), "txt_mod_dim": ("txt_mod",),
+               "single_dim": ("linear1", "linear2"), "single_mod_dim": ("modulation",)},
+    list_dims={"in_dims": IN_LAYERS},
+    block_indices={"train_double_block_indices": "double_blocks", "train_single_block_indices": "single_blocks"},
+    enables={"train_t5xxl": ("t5",)},
+    off_kinds=("final_layer",),
+)  # fmt: skip
 
 
 @dataclass
@@ -166,6 +186,20 @@ def image_position_ids(rows: int, columns: int, device: torch.device | str) -> t
     ids[..., 1] = torch.arange(rows, device=device)[:, None]
     ids[..., 2] = torch.arange(columns, device=device)[None, :]
     return ids.reshape(rows * columns, 3)
+
+
+def transformer_targets(transformer: torch.nn.Module) -> list[AdapterTarget]:
+    """Every Linear of the transformer under its BFL module name, in file order."""
+    targets = []
+    for module, parts in flux_keys.linear_modules(dict(transformer.config)):
+        path = module.split(".")
+        in_block = path[0] in ("double_blocks", "single_blocks")
+        targets.append(AdapterTarget(
+            lora_name(UNET_PREFIX, module), tuple(transformer.get_submodule(part) for part in parts), None, module,
+            kind=path[2] if in_block else path[0], block=(path[0], int(path[1])) if in_block else None,
+            diffusers_names=tuple(f"transformer.{part}" for part in parts),
+        ))  # fmt: skip
+    return targets
 
 
 class FluxFamily(ModelFamily):
@@ -423,6 +457,26 @@ class FluxFamily(ModelFamily):
     def network_text_encoders(self, models: LoadedModels) -> list[torch.nn.Module]:
         clip, t5 = models.text_encoders
         return [with_text_model_level(clip), t5]
+
+    @classmethod
+    def adapter_targets_for(cls, text_encoders, denoiser) -> TargetTable | None:
+        """CLIP-L (`lora_te1`), T5-XXL (`lora_te3`, with train_t5xxl) and every Linear of the transformer under its
+        BFL name; a fused BFL Linear (q|k|v, single blocks' linear1) is one target over its diffusers parts."""
+        from diffusers import FluxTransformer2DModel
+
+        kinds = [type(encoder).__name__ for encoder in text_encoders]
+        clip_first = len(kinds) == 2 and kinds[0].startswith(("CLIP", "TextModelLevel"))
+        encoders_match = clip_first and kinds[1].startswith("T5")
+        if not (isinstance(denoiser, FluxTransformer2DModel) or (denoiser is None and encoders_match)):
+            return None
+        targets = []
+        if text_encoders:
+            targets += clip_targets(text_encoders[0], "lora_te1", 0, "text_encoder")
+        if len(text_encoders) > 1:
+            targets += t5_targets(text_encoders[1], "lora_te3", 1, "text_encoder_2")
+        if denoiser is not None:
+            targets += transformer_targets(denoiser)
+        return TargetTable(targets, len(text_encoders), FLUX_TARGET_ARGS)
 
     # ---- sample images -------------------------------------------------------------------------------------
 

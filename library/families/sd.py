@@ -9,9 +9,23 @@ from dataclasses import dataclass
 
 import torch
 
+from library.adapters.targets import (
+    UNET_PREFIX,
+    AdapterTarget,
+    TargetArgs,
+    TargetTable,
+    adaptable_layers,
+    clip_targets,
+    deduplicated,
+    lora_name,
+    text_encoder_prefix,
+    with_text_model_level,
+)
 from library.checkpoints import sd_keys
 from library.checkpoints.files import load_state_dict
+from library.checkpoints.sd_configs import ddpm_scheduler as make_noise_scheduler
 from library.checkpoints.tokenizers import load_clip_tokenizer
+from library.checkpoints.weights import assign_weights, empty_model
 from library.errors import CheckpointError, ConfigError
 from library.families.base import LoadedModels, ModelFamily, TrainingInputs
 from library.text.weighted_captions import add_weighted_caption_arguments, apply_token_weights, token_weights
@@ -20,6 +34,15 @@ from library.training.noise import NoiseOptions, perturb_input_noise, sample_noi
 logger = logging.getLogger(__name__)
 
 TOKENS_PER_CHUNK = 75  # CLIP sees 77 positions: BOS + 75 tokens + EOS
+# kohya's UNet targets: every Linear / 1x1 conv of the attention blocks; with conv_dim (LoCon) also the ResNet and
+# resampler blocks, their 3x3 convs included.
+UNET_BLOCK_KINDS = {
+    "Transformer2DModel": "attention",
+    "ResnetBlock2D": "conv_block",
+    "Downsample2D": "conv_block",
+    "Upsample2D": "conv_block",
+}
+SD_TARGET_ARGS = TargetArgs(enables={"conv_dim": ("conv_block",)})
 OTHER_SCRIPTS = {  # family of a refused checkpoint -> (name, scripts that train it)
     "sdxl": ("SDXL", "sdxl_train_network.py / sdxl_train.py"),
     "sd3": ("SD3", "sd3_train_network.py / sd3_train.py"),
@@ -55,45 +78,6 @@ class SDOptions:
             tokenizer_cache_dir=args.tokenizer_cache_dir,
             allow_pickle=getattr(args, "allow_pickle", False),
         )
-
-
-def make_noise_scheduler(v_parameterization: bool):
-    """The DDPM schedule the SD releases were trained with (scaled-linear betas 0.00085..0.012, 1000 steps)."""
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        prediction_type="v_prediction" if v_parameterization else "epsilon",
-    )
-
-
-def empty_model(factory):
-    """Build a model with parameters on the meta device (no memory), buffers real; weights are assigned later."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
-        return factory()
-
-
-def assign_weights(model: torch.nn.Module, state_dict: dict, dtype: torch.dtype, what: str, source: str) -> None:
-    converted = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state_dict.items()}
-    result = model.load_state_dict(converted, strict=False, assign=True)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"{source}: the {what} weights do not fit the model: missing {_first(result.missing_keys)}, "
-            f"unexpected {_first(result.unexpected_keys)}"
-        )
-
-
-def _first(keys: list[str], count: int = 8) -> str:
-    if not keys:
-        return "none"
-    shown = ", ".join(keys[:count])
-    return f"{len(keys)} ({shown}{', ...' if len(keys) > count else ''})"
 
 
 def add_shared_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -379,6 +363,23 @@ class SDFamily(ModelFamily):
     def network_text_encoders(self, models: LoadedModels) -> list[torch.nn.Module]:
         return [with_text_model_level(encoder) for encoder in models.text_encoders]
 
+    @classmethod
+    def adapter_targets_for(cls, text_encoders, denoiser) -> TargetTable | None:
+        """CLIP encoders (`lora_te`, or `lora_te1`, `lora_te2` ...) and the UNet's attention blocks, plus its ResNet
+        and resampler blocks with conv_dim, named by the module paths of the UNet given (SDXL gives an SGM view)."""
+        is_unet = denoiser is not None and any(
+            UNET_BLOCK_KINDS.get(type(module).__name__) == "attention" for module in denoiser.modules()
+        )
+        all_clip = all(type(encoder).__name__.startswith(("CLIP", "TextModelLevel")) for encoder in text_encoders)
+        if not (is_unet or (denoiser is None and all_clip)):
+            return None
+        targets = []
+        for index, encoder in enumerate(text_encoders):
+            targets += clip_targets(encoder, text_encoder_prefix(index, len(text_encoders)), index)
+        if denoiser is not None:
+            targets += unet_targets(denoiser)
+        return TargetTable(targets, len(text_encoders), SD_TARGET_ARGS)
+
     # ---- sample images -------------------------------------------------------------------------------------
 
     default_sample_size = 512
@@ -444,23 +445,6 @@ class SDFamily(ModelFamily):
         return spec
 
 
-class TextModelLevel(torch.nn.Module):
-    """Shows a CLIP text model under a `text_model.` level, as transformers < 5.6 named its modules.
-
-    LoRA files name text-encoder layers `lora_te_text_model_encoder_layers_...`; network plugins derive the names
-    from `named_modules()`, so they get the same names whatever the installed transformers version.
-    """
-
-    def __init__(self, text_model: torch.nn.Module):
-        super().__init__()
-        self.text_model = text_model
-
-
-def with_text_model_level(encoder: torch.nn.Module) -> torch.nn.Module:
-    """`encoder` itself when its modules already sit under `text_model.`, else a `TextModelLevel` view of it."""
-    return encoder if hasattr(encoder, "text_model") else TextModelLevel(encoder)
-
-
 def frame_token_chunks(ids: list[int], chunks: int, bos: int, eos: int, pad: int) -> list[int]:
     """Caption tokens (no BOS/EOS, at most chunks*75) -> chunks*77 ids: BOS, up to 75 tokens, EOS, padding.
 
@@ -488,3 +472,16 @@ def merge_chunk_states(hidden: torch.Tensor) -> torch.Tensor:
         return hidden[:, 0]
     inner = hidden[:, :, 1:-1].reshape(hidden.shape[0], -1, hidden.shape[-1])
     return torch.cat([hidden[:, 0, :1], inner, hidden[:, -1, -1:]], dim=1)
+
+
+def unet_targets(unet: torch.nn.Module) -> list[AdapterTarget]:
+    """Every Linear / Conv2d inside the UNet's attention blocks (kind `attention`) and ResNet / resampler blocks
+    (kind `conv_block`), in module order."""
+    targets = []
+    for block_name, block in unet.named_modules():
+        kind = UNET_BLOCK_KINDS.get(type(block).__name__)
+        if kind:
+            for name, layer in adaptable_layers(block):
+                path = f"{block_name}.{name}"
+                targets.append(AdapterTarget(lora_name(UNET_PREFIX, path), (layer,), None, path, kind))
+    return deduplicated(targets)

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
+from library.adapters.targets import with_text_model_level
 from library.checkpoints import sd_keys, sdxl_keys
 from library.checkpoints.files import load_state_dict
 from library.checkpoints.tokenizers import load_clip_tokenizer
+from library.checkpoints.weights import assign_weights, empty_model
 from library.data import text_cache
 from library.errors import CheckpointError, ConfigError
 from library.families.base import LoadedModels
@@ -27,11 +29,8 @@ from library.families.sd import (
     SDFamily,
     SDOptions,
     add_shared_model_arguments,
-    assign_weights,
     check_model_paths,
-    empty_model,
     merge_chunk_states,
-    with_text_model_level,
 )
 from library.families.sdxl_view import sgm_unet_view
 

@@ -103,6 +103,8 @@ class NetworkMethod(TrainingMethod):
         kwargs = dict(self.network_kwargs)
         if args.network_dropout is not None:
             kwargs["neuron_dropout"] = args.network_dropout
+        if accepts_adapter_targets(self.module.create_network):
+            kwargs["adapter_targets"] = family.adapter_targets(models)
         network = self.module.create_network(
             1.0, args.network_dim, args.network_alpha, models.vae, text_encoders, denoiser, **kwargs
         )
@@ -115,7 +117,7 @@ class NetworkMethod(TrainingMethod):
         if args.gradient_checkpointing:
             network.enable_gradient_checkpointing()
         self.network = network
-        self.network_shape = network_shape(network)
+        self.network_shape = network_shape(network, args.network_dim, args.network_alpha)
         return self._param_groups(network, family.text_encoder_learning_rates(args.text_encoder_lr))
 
     def _param_groups(self, network, text_encoder_lrs: list[float | None]) -> list[dict]:
@@ -172,20 +174,19 @@ class NetworkMethod(TrainingMethod):
         }
 
 
-def network_shape(network: torch.nn.Module) -> tuple[int | None, float | None]:
-    """The most common rank and alpha in a kohya-style network's weights (works for any plugin using that format)."""
-    from collections import Counter
+def accepts_adapter_targets(create_network) -> bool:
+    """Whether a plugin's `create_network` takes the family's target table (networks.lora does; others find their
+    layers by module names)."""
+    import inspect
 
-    ranks: Counter = Counter()
-    alphas: Counter = Counter()
-    for key, value in network.state_dict().items():
-        if key.endswith(".lora_down.weight"):
-            ranks[value.shape[0]] += 1
-        elif key.endswith(".alpha"):
-            alphas[float(value)] += 1
-    rank = ranks.most_common(1)[0][0] if ranks else None
-    alpha = alphas.most_common(1)[0][0] if alphas else None
-    return rank, alpha
+    return "adapter_targets" in inspect.signature(create_network).parameters
+
+
+def network_shape(network: torch.nn.Module, dim: int | None, alpha: float | None) -> tuple[int | None, float | None]:
+    """The rank and alpha to record: the network's own most common ones when it reports them (networks.lora),
+    else the options given."""
+    summary = getattr(network, "rank_summary", None)  # optional in the plugin interface
+    return summary() if callable(summary) else (dim, alpha)
 
 
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, None: None}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from library.checkpoints import sd_keys
+from library.checkpoints import sd_configs, sd_keys
 from library.checkpoints.files import save_state_dict
 from library.checkpoints.tokenizers import EOS_TOKEN, write_clip_tokenizer_files
 from library.testing import tiny_configs
@@ -108,20 +108,11 @@ def write_single_file(models: SDModels, path: str, dtype: torch.dtype | None = N
 
 def write_diffusers_folder(models: SDModels, path: str, v_prediction: bool = False) -> str:
     """Write a diffusers model folder (with tokenizer and scheduler) that StableDiffusionPipeline loads."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     tokenizer_dir = write_clip_tokenizer_files(os.path.join(path, "tokenizer"), "!" if models.arch.v2 else EOS_TOKEN)
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="v_prediction" if v_prediction else "epsilon",
-    )
+    scheduler = sd_configs.ddim_scheduler(v_prediction)
     pipeline = StableDiffusionPipeline(
         vae=models.vae,
         text_encoder=models.text_encoder,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from library.checkpoints import sd_keys, sdxl_keys
+from library.checkpoints import sd_configs, sd_keys, sdxl_keys
 from library.checkpoints.files import save_state_dict
 from library.checkpoints.tokenizers import EOS_TOKEN, write_clip_tokenizer_files
 from library.testing import tiny_configs
@@ -94,19 +94,12 @@ def write_single_file(models: SDXLModels, path: str, dtype: torch.dtype | None =
 
 def write_diffusers_folder(models: SDXLModels, path: str) -> str:
     """Write a diffusers model folder (both tokenizers, the release's Euler scheduler) for StableDiffusionXLPipeline."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
 
     tokenizer1 = write_clip_tokenizer_files(os.path.join(path, "tokenizer"), EOS_TOKEN)
     tokenizer2 = write_clip_tokenizer_files(os.path.join(path, "tokenizer_2"), "!")
-    scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
+    scheduler = sd_configs.euler_scheduler(v_parameterization=False)
     pipeline = StableDiffusionXLPipeline(
         vae=models.vae,
         text_encoder=models.text_encoder1,

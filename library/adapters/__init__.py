@@ -1,0 +1,1 @@
+"""Adapter targets shared by the families, the adapter networks and the LoRA tools."""
