@@ -50,7 +50,7 @@ def measure(swap: int, config_name: str, resolution: int, warmup: int, steps: in
 
     from library.families.flux import FluxFamily, image_position_ids
     from library.training import fp8
-    from library.training.block_swap import OffloadOptions
+    from library.training.block_swap import OffloadOptions, make_runners
     from networks import lora_flux
 
     transformer, config = build_transformer(config_name)
@@ -58,12 +58,12 @@ def measure(swap: int, config_name: str, resolution: int, warmup: int, steps: in
     network = lora_flux.create_network(1.0, 16, 16, None, [], transformer)
     network.apply_to([], transformer, False, True)
     network.to(device)
-    family = FluxFamily.__new__(FluxFamily)  # only the memory options are needed to build the runners
-    family.options = argparse.Namespace(memory=OffloadOptions(blocks_to_swap=swap or None, gradient_checkpointing=True))
+    options = OffloadOptions(blocks_to_swap=swap or None, gradient_checkpointing=True)
     for name, child in transformer.named_children():
-        if name not in ("transformer_blocks", "single_transformer_blocks"):
+        if name not in FluxFamily.block_list_names:
             child.to(device)
-    runners = family.make_runners(transformer, device)
+    lists = [getattr(transformer, name) for name in FluxFamily.block_list_names]
+    runners = make_runners(lists, FluxFamily.swap_counts(swap), device, options)
     for runner in runners:
         runner.prepare()
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)

@@ -3,19 +3,25 @@ runs, the recorded residency follows the plan, and fp8 base weights are stored i
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 import pytest
 import torch
 from torch import nn
 
+from library.checkpoints.flux_configs import transformer_config
 from library.errors import ConfigError
 from library.families.flux import FluxFamily, image_position_ids, pack_latents
-from library.checkpoints.flux_configs import transformer_config
 from library.testing import tiny_configs
 from library.training import fp8
-from library.training.block_swap import BlockRunner, OffloadOptions, ResidencyRecorder, swap_plan
+from library.training.block_swap import (
+    BlockRunner,
+    OffloadOptions,
+    ResidencyRecorder,
+    make_runners,
+    max_blocks_to_swap,
+    swap_plan,
+)
 from networks import lora_flux
 
 
@@ -128,14 +134,15 @@ def test_block_swap_refuses_too_many_blocks():
 
     with init_empty_weights():
         full_size = FluxTransformer2DModel(**transformer_config("dev"))
-    assert FluxFamily.max_blocks_to_swap(full_size) == 35
+    lengths = [len(full_size.transformer_blocks), len(full_size.single_transformer_blocks)]
+    assert max_blocks_to_swap(lengths, FluxFamily.swap_counts) == 35
 
 
-def flux_family(**memory) -> FluxFamily:
-    """A family object with the memory options given (only the options the runners read)."""
-    family = FluxFamily.__new__(FluxFamily)
-    family.options = argparse.Namespace(memory=OffloadOptions(**memory))
-    return family
+def flux_runners(transformer, recorder, **memory) -> list[BlockRunner]:
+    """The runners the loop places for FLUX with these memory options."""
+    options = OffloadOptions(**memory)
+    lists = [getattr(transformer, name) for name in FluxFamily.block_list_names]
+    return make_runners(lists, FluxFamily.swap_counts(options.blocks_to_swap or 0), "cpu", options, recorder)
 
 
 def flux_step(model) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -172,7 +179,7 @@ def test_block_swap_flux_lora_gradients_equal_plain_run(memory):
     plain, plain_network = lora_model(transformer)
     swapped, swapped_network = lora_model(transformer)
     recorder = ResidencyRecorder()
-    runners = flux_family(**memory).make_runners(swapped, "cpu", recorder)
+    runners = flux_runners(swapped, recorder, **memory)
     for runner in runners:
         runner.prepare()
     assert [runner.swap for runner in runners] == ([1, 2] if memory.get("blocks_to_swap") else [0, 0])

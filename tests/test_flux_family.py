@@ -122,7 +122,8 @@ def test_flux_options_are_checked_before_loading(tiny_flux_dir, tmp_path):
     for extra, message in ((["--train_text_encoder"], "trains the transformer only"),
                            (["--fp8_base", "--mixed_precision", "bf16"], "flux_train.py trains the transformer's")):
         with pytest.raises(ConfigError, match=message):
-            FluxFamily(flux_args(tiny_flux_dir, *extra, method=FineTuneMethod)).validate()
+            args = flux_args(tiny_flux_dir, *extra, method=FineTuneMethod)
+            FluxFamily(args).validate(FineTuneMethod(args))
 
 
 def test_flux_t5_tokenizer_is_found_offline_or_named(tiny_flux_dir, tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import pytest
@@ -33,11 +32,10 @@ def unet_inputs(unet, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.
 def load_family_models(tiny_models_dir: str, tokenizer_dir: str):
     from library.families.sd import SDFamily
 
-    args = argparse.Namespace(
-        pretrained_model_name_or_path=os.path.join(tiny_models_dir, "sd1.safetensors"),
-        v2=False, v_parameterization=False, clip_skip=None, max_token_length=None, vae=None,
-        tokenizer_cache_dir=tokenizer_dir, allow_pickle=False,
-    )
+    from tests.training_helpers import parsed_args
+
+    args = parsed_args("sd", ["--pretrained_model_name_or_path", os.path.join(tiny_models_dir, "sd1.safetensors"),
+                              "--tokenizer_cache_dir", tokenizer_dir])
     return SDFamily(args).load(torch.float32)
 
 

@@ -220,11 +220,10 @@ def test_sample_size_is_rounded_down_to_a_multiple_of_8_and_defaults_to_the_fami
 def sd_family(tiny_models_dir, tokenizer_dir):
     from library.families.sd import SDFamily
 
-    args = argparse.Namespace(
-        pretrained_model_name_or_path=os.path.join(tiny_models_dir, "sd1.safetensors"),
-        v2=False, v_parameterization=False, clip_skip=2, max_token_length=None, vae=None,
-        tokenizer_cache_dir=tokenizer_dir, allow_pickle=False,
-    )  # fmt: skip
+    from tests.training_helpers import parsed_args
+
+    args = parsed_args("sd", ["--pretrained_model_name_or_path", os.path.join(tiny_models_dir, "sd1.safetensors"),
+                              "--tokenizer_cache_dir", tokenizer_dir, "--clip_skip", "2"])
     family = SDFamily(args)
     return family, family.load(torch.float32)
 

@@ -11,6 +11,7 @@ import torch
 from library.checkpoints.tokenizers import load_clip_tokenizer
 from library.errors import CheckpointError
 from library.families.sd import SDFamily, frame_token_chunks, merge_chunk_states
+from tests.training_helpers import parsed_args
 
 
 def default_noise_options():
@@ -22,12 +23,10 @@ def default_noise_options():
 
 
 def family_args(model: str, **overrides) -> argparse.Namespace:
-    values = dict(
-        pretrained_model_name_or_path=model, v2=False, v_parameterization=False, clip_skip=None,
-        max_token_length=None, vae=None, tokenizer_cache_dir=None, allow_pickle=False,
-    )
-    values.update(overrides)
-    return argparse.Namespace(**values)
+    args = parsed_args("sd", ["--pretrained_model_name_or_path", model])
+    for name, value in overrides.items():
+        setattr(args, name, value)
+    return args
 
 
 def test_rebuilt_tokenizer_gives_the_real_clip_ids(tokenizer_dir):

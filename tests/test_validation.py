@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import re
@@ -153,11 +152,10 @@ def test_validation_options_are_read_from_the_dataset_table_path(tmp_path):
 def sd_models(tiny_models_dir, tokenizer_dir):
     from library.families.sd import SDFamily
 
-    args = argparse.Namespace(
-        pretrained_model_name_or_path=os.path.join(tiny_models_dir, "sd1.safetensors"),
-        v2=False, v_parameterization=False, clip_skip=None, max_token_length=None, vae=None,
-        tokenizer_cache_dir=tokenizer_dir, allow_pickle=False,
-    )  # fmt: skip
+    from tests.training_helpers import parsed_args
+
+    args = parsed_args("sd", ["--pretrained_model_name_or_path", os.path.join(tiny_models_dir, "sd1.safetensors"),
+                              "--tokenizer_cache_dir", tokenizer_dir])
     family = SDFamily(args)
     return family, family.load(torch.float32)
 

@@ -22,3 +22,15 @@ def train_in_process(argv: list[str], family: str = "sd", method: str = "network
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         torch.set_num_threads(threads)
+
+
+def parsed_args(family: str, argv: list[str], method: str = "network"):
+    """The namespace an entry script for `family` x `method` parses from `argv` (every option with its default; the
+    required --output_dir is filled in when `argv` lacks it)."""
+    from library.families import get_family_class
+    from library.methods import get_method_class
+    from library.training.entry import build_parser
+
+    if "--output_dir" not in argv:
+        argv = [*argv, "--output_dir", "unused"]
+    return build_parser(get_family_class(family), get_method_class(method), "test").parse_args(argv)

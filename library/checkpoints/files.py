@@ -72,6 +72,12 @@ def _load_pickle(path: str, allow_pickle: bool) -> dict[str, torch.Tensor]:
     return {key: value for key, value in loaded.items() if isinstance(value, torch.Tensor)}
 
 
+def safetensors_keys(path: str) -> list[str]:
+    """The tensor names of a safetensors file, read from its header (no tensor is loaded)."""
+    with safe_open(path, framework="pt", device="cpu") as handle:
+        return list(handle.keys())
+
+
 def read_safetensors_metadata(path: str) -> dict[str, str]:
     """The string metadata of a safetensors file (empty when it has none)."""
     with safe_open(path, framework="pt", device="cpu") as handle:

@@ -8,7 +8,7 @@ T5-XXL single files already use transformers names. Configs are read from tensor
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 from torch import Tensor
 
@@ -147,6 +147,16 @@ def infer_transformer_config(state_dict: Mapping[str, Tensor], source: str = "Ch
         "guidance_embeds": shapes.has("guidance_in.in_layer.weight"),
         "axes_dims_rope": rope_axes(head_dim),
     }
+
+
+def block_counts(keys: Iterable[str]) -> tuple[int, int]:
+    """(double blocks, single blocks) of a BFL transformer from its tensor names alone."""
+    counts = {"double_blocks": 0, "single_blocks": 0}
+    for key in keys:
+        parts = key.removeprefix(COMFY_PREFIX).split(".")
+        if parts[0] in counts and len(parts) > 1 and parts[1].isdigit():
+            counts[parts[0]] = max(counts[parts[0]], int(parts[1]) + 1)
+    return counts["double_blocks"], counts["single_blocks"]
 
 
 def variant(config: Mapping) -> str:

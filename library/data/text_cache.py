@@ -7,10 +7,12 @@ Caching needs each image to have one fixed caption, so options that change capti
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -37,6 +39,54 @@ VARIABLE_CAPTION_OPTIONS: dict[str, Callable[[object], bool]] = {
 CACHE_KEY = "text_cache_key"  # safetensors metadata entry holding the content key of a cache file
 
 Encoder = Callable[[list[str]], dict[str, torch.Tensor]]  # captions -> tensors with the batch first
+
+
+def add_text_cache_arguments(parser: argparse.ArgumentParser, file_suffix: str) -> None:
+    """The caching options of a family whose text-encoder outputs can be cached (`file_suffix` names disk files)."""
+    parser.add_argument(
+        "--cache_text_encoder_outputs",
+        action="store_true",
+        help="encode every caption once before training and free the text encoders' device memory; the text "
+        "encoders cannot train, and captions must not change between uses (no shuffle_caption, caption dropout or "
+        "wildcards)",
+    )
+    parser.add_argument(
+        "--cache_text_encoder_outputs_to_disk",
+        action="store_true",
+        help=f"like --cache_text_encoder_outputs, and keep the outputs next to each image (<image>{file_suffix}), "
+        "reused while caption, settings and text encoders stay the same",
+    )
+
+
+@dataclass(frozen=True)
+class TextCacheOptions:
+    """Typed text-encoder output caching options; `file_suffix` None: the family cannot cache."""
+
+    enabled: bool = False
+    to_disk: bool = False
+    file_suffix: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, file_suffix: str | None) -> TextCacheOptions:
+        if file_suffix is None:
+            return cls()
+        to_disk = args.cache_text_encoder_outputs_to_disk
+        return cls(args.cache_text_encoder_outputs or to_disk, to_disk, file_suffix)
+
+    @property
+    def option(self) -> str:
+        return "--cache_text_encoder_outputs" + ("_to_disk" if self.to_disk else "")
+
+    def check_run(self, dataset, trains_text_encoder: bool) -> None:
+        """Refuse what caching cannot serve: text encoders that train, captions that change between uses."""
+        if not self.enabled:
+            return
+        if trains_text_encoder:
+            raise ConfigError(
+                f"{self.option} fixes the text encoders' outputs, so the text encoders cannot train: add "
+                "--network_train_unet_only (LoRA), or leave out --train_text_encoder (fine-tuning)"
+            )
+        check_fixed_captions(dataset, self.option)
 
 
 def check_fixed_captions(group, option: str) -> None:
@@ -128,13 +178,14 @@ class TextOutputCache:
         write_cache_file(self.cache_path(path), self.entries[caption], {CACHE_KEY: key})
 
 
-
-def cache_text_outputs(dataset, text_encoders, fingerprint: str, suffix: str | None, encode):
+def cache_text_outputs(
+    options: TextCacheOptions, dataset, text_encoders, fingerprint: str, encode: Encoder
+) -> tuple[TextOutputCache, tuple[int, int]]:
     """Encode (or read back) every fixed caption of `dataset` once, then move the text encoders off the device.
 
     Returns the filled cache and (captions encoded, cache files read).
     """
-    cache = TextOutputCache(fingerprint, suffix)
+    cache = TextOutputCache(fingerprint, options.file_suffix if options.to_disk else None)
     encoded, read = cache.fill(fixed_captions(dataset), encode)
     logger.info("text-encoder outputs cached: %d captions encoded, %d read from disk", encoded, read)
     for encoder in text_encoders:  # no longer needed on the device

@@ -26,20 +26,17 @@ from library.adapters.targets import (
     with_text_model_level,
 )
 from library.checkpoints import flux_configs, flux_files, flux_keys
+from library.checkpoints.files import safetensors_keys
 from library.checkpoints.t5_tokenizer import load_t5_tokenizer
 from library.checkpoints.tokenizers import load_clip_tokenizer
-from library.data import text_cache
 from library.errors import CheckpointError, ConfigError
 from library.families.base import LoadedModels, ModelFamily, TrainingInputs
 from library.training import flow_matching, fp8
-from library.training.block_swap import BlockRunner, OffloadOptions, add_offload_arguments
 from library.training.noise import NoiseOptions
 
 logger = logging.getLogger(__name__)
 
 BASE_MODEL_VERSION = "flux1"
-BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")  # double blocks, single blocks
-TEXT_CACHE_SUFFIX = "_flux_te.safetensors"
 CAPTION_KEYS = ("pooled_projections", "encoder_hidden_states", "t5_attention_mask")
 # Adapter targets: CLIP-L is `lora_te1`, T5-XXL `lora_te3` (kohya's numbering), the transformer is named by the BFL
 # layout. Network args of the reference's FLUX network pick ranks per module kind and blocks per list.
@@ -68,11 +65,9 @@ class FluxOptions:
     guidance_scale: float
     tokenizer_cache_dir: str | None
     t5xxl_tokenizer: str | None
-    cache_text_encoder_outputs: bool
-    cache_text_encoder_outputs_to_disk: bool
     allow_pickle: bool
+    mixed_precision: str
     flow: flow_matching.FlowMatchingOptions
-    memory: OffloadOptions
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> FluxOptions:
@@ -86,11 +81,9 @@ class FluxOptions:
             guidance_scale=args.guidance_scale,
             tokenizer_cache_dir=args.tokenizer_cache_dir,
             t5xxl_tokenizer=args.t5xxl_tokenizer,
-            cache_text_encoder_outputs=args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk,
-            cache_text_encoder_outputs_to_disk=args.cache_text_encoder_outputs_to_disk,
-            allow_pickle=getattr(args, "allow_pickle", False),
+            allow_pickle=args.allow_pickle,
+            mixed_precision=args.mixed_precision,
             flow=flow_matching.FlowMatchingOptions.from_args(args),
-            memory=OffloadOptions.from_args(args),
         )
 
     def sources(self) -> flux_files.FluxSources:
@@ -147,27 +140,13 @@ def add_conditioning_arguments(parser: argparse.ArgumentParser) -> None:
         default=3.5,
         help="the guidance value the dev model embeds during training (default 3.5; schnell ignores it)",
     )
-    parser.add_argument(
-        "--cache_text_encoder_outputs",
-        action="store_true",
-        help="encode every caption once before training (CLIP-L pooled output, T5 hidden states and mask); the "
-        "text encoders cannot train, and captions must not change between uses",
-    )
-    parser.add_argument(
-        "--cache_text_encoder_outputs_to_disk",
-        action="store_true",
-        help=f"like --cache_text_encoder_outputs, kept next to each image (<image>{TEXT_CACHE_SUFFIX})",
-    )
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, H/2 * W/2, 4C): each 2x2 patch becomes one token (channel-major within the token)."""
     batch, channels, height, width = latents.shape
-    if height % 2 or width % 2:
-        raise ConfigError(
-            f"FLUX packs 2x2 latent patches, but a batch has {height}x{width} latents: image sides must be multiples "
-            "of 16 pixels (set bucket_reso_steps to a multiple of 16)"
-        )
+    if height % 2 or width % 2:  # images are checked to be multiples of 16 pixels before training starts
+        raise ValueError(f"FLUX packs 2x2 latent patches; {height}x{width} latents cannot be packed")
     patches = latents.view(batch, channels, height // 2, 2, width // 2, 2)
     return patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, (height // 2) * (width // 2), channels * 4)
 
@@ -208,6 +187,9 @@ class FluxFamily(ModelFamily):
     id = "flux"
     default_sample_size = 1024
     default_sample_scale = 3.5  # the guidance value the dev model was distilled for
+    image_size_multiple = 16  # 8x AE downscaling, then 2x2 latent patches
+    text_cache_suffix = "_flux_te.safetensors"
+    block_list_names = ("transformer_blocks", "single_transformer_blocks")  # double blocks, single blocks
 
     def __init__(self, args: argparse.Namespace):
         super().__init__(args)
@@ -216,31 +198,28 @@ class FluxFamily(ModelFamily):
         self.compute_dtype = torch.float32
         self.t5_max_tokens = self.options.t5xxl_max_token_length or flux_configs.T5_MAX_TOKENS["dev"]
         self.sigma_table: torch.Tensor | None = None  # the shifted schedule, for --timestep_sampling sigma
-        self.text_cache: text_cache.TextOutputCache | None = None
-        self.text_cache_counts = (0, 0)
-        self.runners: list[BlockRunner] = []
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         add_model_arguments(parser)
         add_conditioning_arguments(parser)
         flow_matching.add_flow_matching_arguments(parser)
-        add_offload_arguments(parser)
 
     @classmethod
     def add_method_arguments(cls, method: str, parser: argparse.ArgumentParser) -> None:
         if method == "network":  # FLUX LoRAs need the FLUX network module (BFL names, fused q|k|v)
             parser.set_defaults(network_module="networks.lora_flux")
 
-    def validate(self) -> None:
+    def validate(self, method=None) -> None:
+        super().validate(method)
         self._check_files()
         options = self.options
         if options.t5xxl_max_token_length is not None and options.t5xxl_max_token_length < 1:
             raise ConfigError(f"--t5xxl_max_token_length must be 1 or more, got {options.t5xxl_max_token_length}")
-        self._check_full_training()
-        options.memory.validate()
-        if options.memory.fp8_denoiser:
-            fp8.check_compute_dtype({"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.args.mixed_precision))
+        if method is not None and method.trains_base_weights:
+            self._check_full_training(method)
+        if self.offload.fp8_denoiser:
+            fp8.check_compute_dtype({"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.mixed_precision))
         for note in options.flow.ignored_settings():
             logger.warning("%s; it has no effect here", note)
 
@@ -260,30 +239,16 @@ class FluxFamily(ModelFamily):
                 f"a FLUX.1 single-file transformer needs the other models as files too: add {', '.join(missing)}"
             )
 
-    def _check_full_training(self) -> None:
+    def _check_full_training(self, method) -> None:
         """flux_train.py trains the transformer's own weights, and only them."""
-        if not hasattr(self.args, "learning_rate_te"):  # only the full-training methods define it
-            return
-        if getattr(self.args, "train_text_encoder", False):
+        if method.trains_text_encoder:
             raise ConfigError(
                 "flux_train.py trains the transformer only (the BFL file it saves holds no text encoders): remove "
                 "--train_text_encoder; flux_train_network.py trains CLIP-L / T5-XXL adapters"
             )
-        if self.options.memory.fp8_denoiser:
+        if self.offload.fp8_denoiser:
             raise ConfigError("--fp8_base / --fp8_base_unet store frozen weights in fp8; flux_train.py trains the "
                               "transformer's weights themselves: remove the option")  # fmt: skip
-
-    def validate_run(self, dataset, trains_text_encoder: bool) -> None:
-        if not self.options.cache_text_encoder_outputs:
-            return
-        to_disk = self.options.cache_text_encoder_outputs_to_disk
-        option = "--cache_text_encoder_outputs" + ("_to_disk" if to_disk else "")
-        if trains_text_encoder:
-            raise ConfigError(
-                f"{option} fixes the text encoders' outputs, so they cannot train: add --network_train_unet_only "
-                "(LoRA), or leave out --train_text_encoder (fine-tuning)"
-            )
-        text_cache.check_fixed_captions(dataset, option)
 
     # ---- loading -------------------------------------------------------------------------------------------
 
@@ -309,56 +274,32 @@ class FluxFamily(ModelFamily):
         return loaded
 
     def _store_in_fp8(self, models: LoadedModels) -> None:
-        memory = self.options.memory
+        memory = self.offload  # the fp8 options live with the block-swap options
         if memory.fp8_denoiser:
             fp8.store_in_fp8(models.denoiser, self.compute_dtype, fp8.DENOISER_SKIP)
         if memory.fp8_text_encoders:
             for encoder in models.text_encoders:
                 fp8.store_in_fp8(encoder, self.compute_dtype, fp8.TEXT_ENCODER_SKIP)
 
-    def place_models(self, models: LoadedModels, device: torch.device) -> None:
-        """With --blocks_to_swap / --cpu_offload_checkpointing the blocks run under a BlockRunner, whose swapped
-        blocks stay in CPU memory; everything else goes to the device."""
-        memory = self.options.memory
-        if not (memory.blocks_to_swap or memory.cpu_offload_checkpointing):
-            super().place_models(models, device)
-            return
-        transformer = models.denoiser
-        for name, child in transformer.named_children():
-            if name not in BLOCK_LISTS:
-                child.to(device)
-        for model in [models.vae, *models.text_encoders]:
-            model.to(device)
-        self.runners = self.make_runners(transformer, device)
-        for runner in self.runners:
-            runner.prepare()
+    def block_list_lengths(self) -> list[int] | None:
+        """Double and single blocks, from the diffusers config or the single file's tensor names."""
+        sources = self.options.sources()
+        if sources.folder is not None:
+            import json
 
-    def make_runners(self, transformer: torch.nn.Module, device, recorder=None) -> list[BlockRunner]:
-        """One runner per block list; --blocks_to_swap N swaps N // 2 double blocks and twice the rest in single
-        blocks (a double block holds about twice the weights of a single one)."""
-        memory = self.options.memory
-        swap = memory.blocks_to_swap or 0
-        double_swap = swap // 2
-        counts = (double_swap, (swap - double_swap) * 2)
-        limit = self.max_blocks_to_swap(transformer)
-        if swap > limit:
-            raise ConfigError(f"--blocks_to_swap {swap} is too many for this model: at most {limit}")
-        return [
-            BlockRunner(getattr(transformer, name), device, count, memory.gradient_checkpointing,
-                        memory.cpu_offload_checkpointing, recorder)
-            for name, count in zip(BLOCK_LISTS, counts)
-        ]  # fmt: skip
+            with open(os.path.join(sources.folder, "transformer", "config.json")) as file:
+                config = json.load(file)
+            return [config["num_layers"], config["num_single_layers"]]
+        if sources.transformer.lower().endswith(".safetensors"):
+            return list(flux_keys.block_counts(safetensors_keys(sources.transformer)))
+        return None
 
-    @staticmethod
-    def max_blocks_to_swap(transformer: torch.nn.Module) -> int:
-        """The largest N that leaves two blocks of each list on the device (35 for the released models)."""
-        double_max = len(transformer.transformer_blocks) - 2
-        single_max = len(transformer.single_transformer_blocks) - 2
-        best = 0
-        for swap in range(double_max * 2 + 2):
-            if swap // 2 <= double_max and (swap - swap // 2) * 2 <= single_max:
-                best = swap
-        return best
+    @classmethod
+    def swap_counts(cls, blocks_to_swap: int) -> list[int]:
+        """N // 2 double blocks and twice the rest in single blocks (a double block holds about twice the weights
+        of a single one)."""
+        double_swap = blocks_to_swap // 2
+        return [double_swap, (blocks_to_swap - double_swap) * 2]
 
     # ---- conditioning --------------------------------------------------------------------------------------
 
@@ -386,11 +327,6 @@ class FluxFamily(ModelFamily):
         mask = t5_mask.to(t5.device) if self.options.apply_t5_attn_mask else None
         hidden = t5(t5_ids.to(t5.device), attention_mask=mask).last_hidden_state
         return {"pooled_projections": pooled, "encoder_hidden_states": hidden, "t5_attention_mask": t5_mask}
-
-    def encode_conditioning(self, models: LoadedModels, captions: list[str], batch: dict) -> dict[str, torch.Tensor]:
-        if self.text_cache is not None:
-            return self.text_cache.lookup(captions, models.denoiser.x_embedder.weight.device)
-        return self.encode_text(models, captions)
 
     # ---- objective and prediction --------------------------------------------------------------------------
 
@@ -435,22 +371,8 @@ class FluxFamily(ModelFamily):
         velocity = unpack_latents(output, height, width)
         return flow_matching.prediction_for_loss(velocity, noisy_latents, timesteps, self.options.flow)
 
-    # ---- text-encoder output cache and memory engine -------------------------------------------------------
-
-    def before_training(self, models: LoadedModels, dataset) -> None:
-        if self.runners:  # the runners checkpoint the blocks themselves (so a recompute swaps nothing)
-            models.denoiser.disable_gradient_checkpointing()
-        if not self.options.cache_text_encoder_outputs:
-            return
-        suffix = TEXT_CACHE_SUFFIX if self.options.cache_text_encoder_outputs_to_disk else None
-        self.text_cache, self.text_cache_counts = text_cache.cache_text_outputs(
-            dataset, models.text_encoders, self._text_fingerprint(models), suffix,
-            lambda captions: self.encode_text(models, captions),
-        )
-
-    def _text_fingerprint(self, models: LoadedModels) -> str:
-        tensors = [param for encoder in models.text_encoders for param in encoder.parameters()]
-        return text_cache.tensors_fingerprint(tensors, self.id, self.t5_max_tokens, self.options.apply_t5_attn_mask)
+    def text_encoding_settings(self) -> tuple:
+        return (self.t5_max_tokens, self.options.apply_t5_attn_mask)
 
     # ---- adapter networks ----------------------------------------------------------------------------------
 
@@ -515,8 +437,6 @@ class FluxFamily(ModelFamily):
         self, models: LoadedModels, path: str, save_as: str, dtype: torch.dtype | None, metadata: dict[str, str]
     ) -> None:
         """The transformer as one BFL file (safetensors / ckpt), or every model as a diffusers folder."""
-        for runner in self.runners:
-            runner.synchronize()
         if save_as in ("diffusers", "diffusers_safetensors"):
             parts = {"transformer": models.denoiser, "ae": models.vae, "clip_l": models.text_encoders[0],
                      "t5xxl": models.text_encoders[1]}  # fmt: skip
@@ -525,6 +445,9 @@ class FluxFamily(ModelFamily):
             flux_files.save_diffusers_folder(parts, models.tokenizers, path, safe=save_as == "diffusers_safetensors")
             return
         flux_files.save_transformer(models.denoiser, path, dtype, metadata)
+
+    def base_model_version(self) -> str:
+        return BASE_MODEL_VERSION
 
     def training_metadata(self) -> dict[str, str]:
         options = self.options

@@ -64,11 +64,13 @@ class SDOptions:
     tokenizer_cache_dir: str | None
     allow_pickle: bool
     no_token_padding: bool = False
+    weighted_captions: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "SDOptions":
         return cls(
-            no_token_padding=getattr(args, "no_token_padding", False),
+            no_token_padding=args.no_token_padding,
+            weighted_captions=args.weighted_captions,
             pretrained_model_name_or_path=args.pretrained_model_name_or_path,
             v2=args.v2,
             v_parameterization=args.v_parameterization,
@@ -76,7 +78,7 @@ class SDOptions:
             max_token_length=args.max_token_length or TOKENS_PER_CHUNK,
             vae=args.vae,
             tokenizer_cache_dir=args.tokenizer_cache_dir,
-            allow_pickle=getattr(args, "allow_pickle", False),
+            allow_pickle=args.allow_pickle,
         )
 
 
@@ -119,7 +121,7 @@ class SDFamily(ModelFamily):
         self.options = SDOptions.from_args(args)
         self.noise_scheduler = make_noise_scheduler(self.options.v_parameterization)
         self.is_v2 = self.options.v2
-        self.weighted_captions = getattr(args, "weighted_captions", False)
+        self.weighted_captions = self.options.weighted_captions
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -152,7 +154,8 @@ class SDFamily(ModelFamily):
             "of the early diffusers DreamBooth); needs 75-token captions",
         )
 
-    def validate(self) -> None:
+    def validate(self, method=None) -> None:
+        super().validate(method)
         options = self.options
         if options.clip_skip is not None and options.clip_skip < 1:
             raise ConfigError(f"--clip_skip must be 1 or more, got {options.clip_skip}")

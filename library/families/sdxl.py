@@ -21,9 +21,8 @@ from library.checkpoints import sd_keys, sdxl_keys
 from library.checkpoints.files import load_state_dict
 from library.checkpoints.tokenizers import load_clip_tokenizer
 from library.checkpoints.weights import assign_weights, empty_model
-from library.data import text_cache
 from library.errors import CheckpointError, ConfigError
-from library.families.base import LoadedModels
+from library.families.base import LoadedModels, ModelFamily
 from library.families.sd import (
     TOKENS_PER_CHUNK,
     SDFamily,
@@ -46,24 +45,17 @@ class SDXLOptions(SDOptions):
     """The `sdxl` family's options, typed (SD's fields, SD 2.x flags and clip skip fixed off)."""
 
     no_half_vae: bool = False
-    cache_text_encoder_outputs: bool = False
-    cache_text_encoder_outputs_to_disk: bool = False
     text_encoder_lrs: tuple[float | None, float | None] = (None, None)
     block_lr: tuple[float, ...] | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SDXLOptions:
         base = SDOptions.from_args(args)
-        lr_options = ("text_encoder_lr1", "text_encoder_lr2")
-        if hasattr(args, "learning_rate_te1"):
-            lr_options = ("learning_rate_te1", "learning_rate_te2")
         return cls(
             **{field.name: getattr(base, field.name) for field in dataclasses.fields(SDOptions)},
             no_half_vae=args.no_half_vae,
-            cache_text_encoder_outputs=args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk,
-            cache_text_encoder_outputs_to_disk=args.cache_text_encoder_outputs_to_disk,
-            text_encoder_lrs=tuple(getattr(args, name, None) for name in lr_options),
-            block_lr=parse_block_lr(getattr(args, "block_lr", None)),
+            text_encoder_lrs=(args.text_encoder_lr1, args.text_encoder_lr2),
+            block_lr=parse_block_lr(args.block_lr),
         )
 
 
@@ -91,12 +83,11 @@ class SDXLFamily(SDFamily):
     """Stable Diffusion XL (base)."""
 
     id = "sdxl"
+    text_cache_suffix = "_sdxl_te.safetensors"
 
     def __init__(self, args: argparse.Namespace):
         super().__init__(args)  # SD's objective and tokenizer settings; the parser fixes --v2 / --clip_skip off
         self.options = SDXLOptions.from_args(args)
-        self.text_cache: text_cache.TextOutputCache | None = None
-        self.text_cache_counts = (0, 0)  # (captions encoded, cache files read) by before_training
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -116,24 +107,14 @@ class SDXLFamily(SDFamily):
             action="store_true",
             help="keep the VAE in float32 under --mixed_precision fp16/bf16 (the SDXL VAE overflows in fp16)",
         )
-        parser.add_argument(
-            "--cache_text_encoder_outputs",
-            action="store_true",
-            help="encode every caption once before training and free the text encoders' device memory; the text "
-            "encoders cannot train, and captions must not change between uses (no shuffle_caption, caption "
-            "dropout or wildcards)",
-        )
-        parser.add_argument(
-            "--cache_text_encoder_outputs_to_disk",
-            action="store_true",
-            help="like --cache_text_encoder_outputs, and keep the outputs next to each image "
-            "(<image>_sdxl_te.safetensors), reused while caption and model stay the same",
-        )
-        parser.set_defaults(v2=False, clip_skip=None)
+        # SD's options that SDXL fixes: the text encoders are set, captions are padded and unweighted
+        parser.set_defaults(v2=False, clip_skip=None, no_token_padding=False, weighted_captions=False)
 
     @classmethod
     def add_method_arguments(cls, method: str, parser: argparse.ArgumentParser) -> None:
         te1, te2 = TEXT_ENCODER_NAMES
+        # One learning rate per encoder under method-specific names; the same destination, so SDXLOptions reads it
+        parser.set_defaults(text_encoder_lr1=None, text_encoder_lr2=None, block_lr=None)
         if method == "network":
             for index, name in ((1, te1), (2, te2)):
                 parser.add_argument(
@@ -147,6 +128,7 @@ class SDXLFamily(SDFamily):
             for index, name in ((1, te1), (2, te2)):
                 parser.add_argument(
                     f"--learning_rate_te{index}",
+                    dest=f"text_encoder_lr{index}",
                     type=float,
                     default=None,
                     help=f"learning rate of text encoder {index} ({name}) with --train_text_encoder; default "
@@ -160,27 +142,13 @@ class SDXLFamily(SDFamily):
                 "input_blocks 0-8, middle_block 0-2, output_blocks 0-8, output layers (0 freezes a block)",
             )
 
-    def validate(self) -> None:
+    def validate(self, method=None) -> None:
+        ModelFamily.validate(self, method)  # SD's own checks (SD 2.x flags, clip skip) do not apply
         options = self.options
         check_model_paths(options.pretrained_model_name_or_path, options.vae)
-        if self.weighted_captions:
-            raise ConfigError("--weighted_captions is not supported for SDXL yet; remove it (captions are used as written)")
         for index, rate in enumerate(options.text_encoder_lrs, start=1):
             if rate is not None and rate < 0:
                 raise ConfigError(f"the learning rate of text encoder {index} must not be negative, got {rate}")
-
-    def validate_run(self, dataset, trains_text_encoder: bool) -> None:
-        if not self.options.cache_text_encoder_outputs:
-            return
-        option = "--cache_text_encoder_outputs" + (
-            "_to_disk" if self.options.cache_text_encoder_outputs_to_disk else ""
-        )
-        if trains_text_encoder:
-            raise ConfigError(
-                f"{option} fixes the text encoders' outputs, so the text encoders cannot train: add "
-                "--network_train_unet_only (LoRA), or leave out --train_text_encoder (fine-tuning)"
-            )
-        text_cache.check_fixed_captions(dataset, option)
 
     # ---- loading -------------------------------------------------------------------------------------------
 
@@ -287,12 +255,8 @@ class SDXLFamily(SDFamily):
             "text_embeds": pooled,
         }
 
-    def encode_conditioning(self, models: LoadedModels, captions: list[str], batch: dict) -> dict[str, torch.Tensor]:
-        if self.text_cache is not None:
-            text = self.text_cache.lookup(captions, models.denoiser.device)
-        else:
-            text = self.encode_text(models, captions)
-        return text | {"time_ids": size_conditioning(batch)}
+    def batch_conditioning(self, batch: dict) -> dict[str, torch.Tensor]:
+        return {"time_ids": size_conditioning(batch)}
 
     def predict(self, models, noisy_latents, timesteps, conditioning) -> torch.Tensor:
         unet = models.denoiser
@@ -338,20 +302,8 @@ class SDXLFamily(SDFamily):
             "negative_pooled_prompt_embeds": pooled[1:],
         }
 
-    # ---- text-encoder output cache -------------------------------------------------------------------------
-
-    def before_training(self, models: LoadedModels, dataset) -> None:
-        if not self.options.cache_text_encoder_outputs:
-            return
-        suffix = "_sdxl_te.safetensors" if self.options.cache_text_encoder_outputs_to_disk else None
-        self.text_cache, self.text_cache_counts = text_cache.cache_text_outputs(
-            dataset, models.text_encoders, self._text_fingerprint(models), suffix,
-            lambda captions: self.encode_text(models, captions),
-        )
-
-    def _text_fingerprint(self, models: LoadedModels) -> str:
-        tensors = [param for encoder in models.text_encoders for param in encoder.parameters()]
-        return text_cache.tensors_fingerprint(tensors, self.id, self.options.max_token_length)
+    def text_encoding_settings(self) -> tuple:
+        return (self.options.max_token_length,)
 
     # ---- adapter networks and learning rates ---------------------------------------------------------------
 

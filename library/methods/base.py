@@ -16,6 +16,7 @@ class TrainingMethod(ABC):
 
     name: ClassVar[str]
     adapter: ClassVar[str | None] = None  # model-spec adapter suffix, e.g. "lora"
+    trains_base_weights: ClassVar[bool] = False  # the base model's own weights train (fine-tuning, DreamBooth)
 
     def __init__(self, args: argparse.Namespace):
         self.args = args

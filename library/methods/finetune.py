@@ -46,6 +46,7 @@ class FineTuneMethod(TrainingMethod):
     """Full training of the denoiser; the text encoders train with --train_text_encoder."""
 
     name = "finetune"
+    trains_base_weights = True
 
     def __init__(self, args: argparse.Namespace):
         super().__init__(args)

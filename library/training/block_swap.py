@@ -87,6 +87,11 @@ class OffloadOptions:
             )
 
     @property
+    def active(self) -> bool:
+        """Whether blocks run under BlockRunners (swapping weights or offloading checkpointed activations)."""
+        return bool(self.blocks_to_swap) or self.cpu_offload_checkpointing
+
+    @property
     def fp8_text_encoders(self) -> bool:
         return self.fp8_base
 
@@ -380,3 +385,76 @@ def _buffer_slots(block: nn.Module) -> list[tuple[nn.Module, str]]:
     return [
         (module, name) for module in block.modules() for name, buffer in module._buffers.items() if buffer is not None
     ]
+
+
+# ---- placing a family's blocks -------------------------------------------------------------------------------
+
+
+def max_blocks_to_swap(lengths: Sequence[int], swap_counts: Callable[[int], Sequence[int]]) -> int:
+    """The largest --blocks_to_swap whose split over the block lists leaves MIN_RESIDENT blocks of each on the
+    device."""
+    best = 0
+    for swap in range(2 * sum(lengths) + 1):
+        counts = swap_counts(swap)
+        if all(count <= length - MIN_RESIDENT for count, length in zip(counts, lengths, strict=True)):
+            best = swap
+    return best
+
+
+def check_blocks_to_swap(
+    options: OffloadOptions, lengths: Sequence[int] | None, swap_counts: Callable[[int], Sequence[int]]
+) -> None:
+    """Refuse a --blocks_to_swap the model cannot take, from the block counts of its config (before loading)."""
+    if not options.blocks_to_swap or lengths is None:
+        return
+    limit = max_blocks_to_swap(lengths, swap_counts)
+    if options.blocks_to_swap > limit:
+        raise ConfigError(f"--blocks_to_swap {options.blocks_to_swap} is too many for this model: at most {limit}")
+
+
+def make_runners(
+    block_lists: Sequence[Sequence[nn.Module]],
+    counts: Sequence[int],
+    device: torch.device | str,
+    options: OffloadOptions,
+    recorder: ResidencyRecorder | None = None,
+) -> list[BlockRunner]:
+    """One runner per block list, swapping `counts[i]` blocks of list i."""
+    return [
+        BlockRunner(blocks, device, count, options.gradient_checkpointing, options.cpu_offload_checkpointing, recorder)
+        for blocks, count in zip(block_lists, counts, strict=True)
+    ]
+
+
+def place_blocks(
+    denoiser: nn.Module,
+    others: Sequence[nn.Module],
+    block_lists: Sequence[Sequence[nn.Module]],
+    counts: Sequence[int],
+    device: torch.device | str,
+    options: OffloadOptions,
+) -> list[BlockRunner]:
+    """Move everything but the listed blocks to `device` and put the blocks under runners (swapped blocks stay in
+    CPU memory). Returns the runners; they checkpoint their blocks themselves with --gradient_checkpointing."""
+    in_lists = {id(block) for blocks in block_lists for block in blocks}
+    _move_except(denoiser, in_lists, torch.device(device))
+    for model in others:
+        model.to(device)
+    runners = make_runners(block_lists, counts, device, options)
+    for runner in runners:
+        runner.prepare()
+    return runners
+
+
+def _move_except(module: nn.Module, skipped: set[int], device: torch.device) -> None:
+    """`module.to(device)` for everything outside the modules in `skipped` (ids)."""
+    if id(module) in skipped:
+        return
+    for name, param in module._parameters.items():
+        if param is not None:
+            param.data = param.data.to(device)
+    for name, buffer in module._buffers.items():
+        if buffer is not None:
+            module._buffers[name] = buffer.to(device)
+    for child in module.children():
+        _move_except(child, skipped, device)

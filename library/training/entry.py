@@ -18,6 +18,8 @@ def build_parser(family_class, method_class, description: str) -> argparse.Argum
     from library.checkpoints.files import add_checkpoint_arguments
     from library.data.dataset import add_dataset_arguments
     from library.data.latent_cache import add_latent_cache_arguments
+    from library.data.text_cache import add_text_cache_arguments
+    from library.training.block_swap import add_offload_arguments
     from library.training.config_file import add_config_file_arguments
     from library.training.fused_optimizers import add_fused_arguments
     from library.training.hub import add_hub_arguments
@@ -32,7 +34,12 @@ def build_parser(family_class, method_class, description: str) -> argparse.Argum
     from library.training.validation import add_validation_arguments
 
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
-    family_class.add_arguments(parser.add_argument_group(f"model ({family_class.id})"))
+    family_group = parser.add_argument_group(f"model ({family_class.id})")
+    family_class.add_arguments(family_group)
+    if family_class.text_cache_suffix is not None:
+        add_text_cache_arguments(family_group, family_class.text_cache_suffix)
+    if family_class.block_list_names:
+        add_offload_arguments(parser.add_argument_group("block swapping and offload"))
     method_group = parser.add_argument_group(f"method ({method_class.name})")
     method_class.add_arguments(method_group)
     family_class.add_method_arguments(method_class.name, method_group)

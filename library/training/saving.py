@@ -63,6 +63,7 @@ class SaveOptions:
     save_state: bool
     save_state_on_train_end: bool
     resume: str | None
+    resume_from_hub: bool = False  # --resume names a state on the hub, downloaded after every check
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "SaveOptions":
@@ -76,6 +77,7 @@ class SaveOptions:
             save_state=args.save_state,
             save_state_on_train_end=args.save_state_on_train_end,
             resume=args.resume,
+            resume_from_hub=args.resume_from_huggingface,
         )
         options.validate()
         return options
@@ -89,7 +91,7 @@ class SaveOptions:
             raise ConfigError("--save_last_n_epochs needs --save_every_n_epochs (it limits those saves)")
         if self.save_last_n_steps and not self.save_every_n_steps:
             raise ConfigError("--save_last_n_steps needs --save_every_n_steps (it limits those saves)")
-        if self.resume is not None and not os.path.isdir(self.resume):
+        if self.resume is not None and not self.resume_from_hub and not os.path.isdir(self.resume):
             raise ConfigError(f"--resume: state folder not found: {self.resume}")
 
     def epoch_name(self, epoch: int) -> str:

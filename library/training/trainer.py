@@ -16,12 +16,22 @@ from library.data.latent_cache import LatentCacheOptions, cache_dataset_latents
 from library.families.base import LoadedModels, ModelFamily
 from library.methods.base import TrainingMethod
 from library.training import metadata as md
-from library.training.fused_optimizers import FusedOptimizers, FusedOptions, attach_fused_optimizers
+from library.training.block_swap import BlockRunner, place_blocks
+from library.training.fused_optimizers import (
+    FusedOptimizers,
+    FusedOptions,
+    attach_fused_optimizers,
+)
 from library.training.hub import HubOptions, Uploader
 from library.training.interrupts import StopRequest, TrainingInterrupted
 from library.training.loop_options import LoopOptions
 from library.training.loss import LossOptions, per_sample_loss
-from library.training.memory_options import MemoryOptions, allow_half_gradients, apply_attention, cast_trained_modules
+from library.training.memory_options import (
+    MemoryOptions,
+    allow_half_gradients,
+    apply_attention,
+    cast_trained_modules,
+)
 from library.training.noise import NoiseOptions
 from library.training.optimizers import (
     OptimizerOptions,
@@ -33,7 +43,12 @@ from library.training.optimizers import (
 from library.training.sampling import SampleOptions, draw_samples
 from library.training.saving import SaveOptions, remove_path, step_saves
 from library.training.state import Position, load_state, read_position, save_state
-from library.training.tracking import StepMetrics, TrackingOptions, log_step_metrics, start_trackers
+from library.training.tracking import (
+    StepMetrics,
+    TrackingOptions,
+    log_step_metrics,
+    start_trackers,
+)
 from library.training.validation import ValidationOptions, run_validation
 
 logger = logging.getLogger(__name__)
@@ -106,6 +121,7 @@ class Run:
     state: RunState = field(default_factory=RunState)
     uploader: Uploader = field(default_factory=Uploader)
     fused: FusedOptimizers | None = None  # --fused_backward_pass / --blockwise_fused_optimizers
+    runners: list[BlockRunner] = field(default_factory=list)  # --blocks_to_swap / --cpu_offload_checkpointing
 
     @property
     def finished(self) -> bool:
@@ -113,9 +129,8 @@ class Run:
 
 
 def parse_options(args: argparse.Namespace) -> Options:
-    """All loop options, validated (no model loaded yet)."""
+    """All loop options, validated (no model loaded, nothing downloaded yet)."""
     hub = HubOptions.from_args(args)
-    args.resume = hub.local_resume(args.resume)  # a state on the hub is downloaded (into the hub cache) first
     options = Options(
         LoopOptions.from_args(args),
         SaveOptions.from_args(args),
@@ -138,10 +153,13 @@ def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace)
     from library.data.dataset import build_dataset_group
 
     options = parse_options(args)
-    family.validate()
     method.validate()
+    family.validate(method)
     options.fused.check_method(method.name)
     options.loss.check_objective(family.v_prediction, has_noise_schedule=family.alphas_cumprod is not None)
+    # a state on the hub is downloaded (into the hub cache) once every option is known to be right
+    if options.hub.resume_from_huggingface and options.saving.resume:
+        options.saving.resume = args.resume = options.hub.local_resume(options.saving.resume)
     resume_position = read_position(options.saving.resume) if options.saving.resume else None
     _choose_seed(options.loop, resume_position)
     dataset = build_dataset_group(args, seed=options.loop.seed, prior_loss_weight=args.prior_loss_weight)
@@ -162,7 +180,7 @@ def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace)
     load_start = time.perf_counter()
     models = family.load(WEIGHT_DTYPES[options.loop.mixed_precision])
     logger.info("models loaded in %.1f s", time.perf_counter() - load_start)
-    _place_models(family, models, accelerator.device, options.loop, method)
+    runners = _place_models(family, models, accelerator.device, options.loop, method)
     apply_attention(models, options.memory.attention)
     param_groups = method.setup(family, models)
     cast_trained_modules(method.trainable_modules(), options.memory)
@@ -188,7 +206,7 @@ def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace)
     base_metadata = _base_metadata(family, method, options, dataset, schedule, started, args)
     run = Run(family, method, options, accelerator, models, dataset, dataloader, optimizer, lr_scheduler, schedule,
               base_metadata, generator, StopRequest(), uploader=Uploader(options.hub, accelerator.is_main_process),
-              fused=fused)
+              fused=fused, runners=runners)
     if options.saving.resume:
         _resume(run, options.saving.resume)
     start_trackers(accelerator, options.tracking, _script_name(), _tracker_config(args))
@@ -236,13 +254,23 @@ def _configure_threads(loop: LoopOptions, accelerator) -> None:
 
 def _place_models(
     family: ModelFamily, models: LoadedModels, device: torch.device, loop: LoopOptions, method: TrainingMethod
-) -> None:
-    family.place_models(models, device)
+) -> list[BlockRunner]:
+    """Models on the device, or the denoiser's block lists under runners (block swap, activation offload)."""
+    runners: list[BlockRunner] = []
+    offload = family.offload
+    if offload is not None and offload.active:
+        lists = [getattr(models.denoiser, name) for name in family.block_list_names]
+        counts = family.swap_counts(offload.blocks_to_swap or 0)
+        runners = place_blocks(models.denoiser, [models.vae, *models.text_encoders], lists, counts, device, offload)
+    else:
+        family.place_models(models, device)
     if loop.gradient_checkpointing:
-        models.denoiser.enable_gradient_checkpointing()
+        if not runners:  # runners checkpoint their blocks themselves, so that a recompute swaps nothing
+            models.denoiser.enable_gradient_checkpointing()
         if method.trains_text_encoder:
             for text_encoder in models.text_encoders:
                 text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return runners
 
 
 def _make_dataloader(dataset, accelerator, args: argparse.Namespace):
@@ -531,6 +559,8 @@ def _save_result(run: Run, name: str) -> str:
     accelerator, state = run.accelerator, run.state
     path = os.path.join(run.options.saving.output_dir, name + run.method.output_extension())
     accelerator.wait_for_everyone()
+    for runner in run.runners:
+        runner.synchronize()  # swapped weights reach their host copies before they are read
     if accelerator.is_main_process:
         # Schedule-free optimizers hold training-point weights; the evaluation point is what gets saved.
         set_optimizer_mode(run.optimizer, training=False)
