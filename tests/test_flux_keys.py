@@ -7,9 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from library.checkpoints import flux_files, flux_keys
+from library.checkpoints import flux_configs, flux_files, flux_keys
 from library.errors import CheckpointError
-from library.checkpoints import flux_configs
 
 
 @pytest.fixture(autouse=True)

@@ -31,7 +31,6 @@ def unet_inputs(unet, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 def load_family_models(tiny_models_dir: str, tokenizer_dir: str):
     from library.families.sd import SDFamily
-
     from tests.training_helpers import parsed_args
 
     args = parsed_args("sd", ["--pretrained_model_name_or_path", os.path.join(tiny_models_dir, "sd1.safetensors"),
@@ -92,8 +91,9 @@ def test_lycoris_network_module_trains_and_saves(tiny_models_dir, toy_dataset, t
 
 def test_trained_lora_loads_in_diffusers_and_matches_our_network(trained_lora, tiny_models_dir, tokenizer_dir):
     pytest.importorskip("peft")
-    import networks.lora as lora
     from diffusers import StableDiffusionPipeline
+
+    import networks.lora as lora
 
     pipe = StableDiffusionPipeline.from_pretrained(os.path.join(tiny_models_dir, "sd1-diffusers"))
     latents, timesteps, hidden = unet_inputs(pipe.unet)

@@ -219,7 +219,6 @@ def test_sample_size_is_rounded_down_to_a_multiple_of_8_and_defaults_to_the_fami
 @pytest.fixture(scope="module")
 def sd_family(tiny_models_dir, tokenizer_dir):
     from library.families.sd import SDFamily
-
     from tests.training_helpers import parsed_args
 
     args = parsed_args("sd", ["--pretrained_model_name_or_path", os.path.join(tiny_models_dir, "sd1.safetensors"),

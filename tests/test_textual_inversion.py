@@ -137,3 +137,29 @@ def test_pt_format_holds_the_automatic1111_layout(tiny_models_dir, tokenizer_dir
     red_row = models.text_encoders[0].get_input_embeddings().base.weight[736]  # "red</w>"
     assert torch.equal(data["string_to_param"]["*"], red_row.unsqueeze(0))
     assert torch.equal(read_embedding(path), data["string_to_param"]["*"])
+
+
+def test_validation_loss_sees_the_captions_training_sees(tiny_models_dir, tokenizer_dir, tmp_path):
+    """Regression: validation fed the captions without the method's preparation, so a word of two vectors was
+    validated with its first vector only."""
+    import contextlib
+
+    from library.training.validation import validation_losses
+    from tests.dataset_helpers import group_of, write_config, write_images
+    from tests.test_validation import load_config_text
+
+    family, models = load_tiny(tiny_models_dir, tokenizer_dir)
+    method = TextualInversionMethod(method_args(tmp_path, "--token_string", "mychar4", "--num_vectors_per_token", "2"))
+    method.validate()
+    method.setup(family, models)
+    images = write_images(tmp_path / "images", [(64, 64)] * 4, {index: "mychar4 toy" for index in range(4)})
+    validation = group_of(write_config(tmp_path, load_config_text(images, 0.5)), seed=0).validation
+
+    def losses() -> float:
+        return validation_losses(family, models, validation, torch.device("cpu"), contextlib.nullcontext, method)
+
+    before = losses()["val/loss"]
+    with torch.no_grad():
+        method.embedding.vectors[1] += 1.0  # the second vector only: it counts once "mychar4" is spelt out
+
+    assert losses()["val/loss"] != before

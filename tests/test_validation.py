@@ -151,7 +151,6 @@ def test_validation_options_are_read_from_the_dataset_table_path(tmp_path):
 @pytest.fixture(scope="module")
 def sd_models(tiny_models_dir, tokenizer_dir):
     from library.families.sd import SDFamily
-
     from tests.training_helpers import parsed_args
 
     args = parsed_args("sd", ["--pretrained_model_name_or_path", os.path.join(tiny_models_dir, "sd1.safetensors"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import random
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -54,8 +55,11 @@ class TrainingMethod(ABC):
     def on_step_start(self, models: LoadedModels, global_step: int) -> None:
         """Hook before every step (`global_step` counts the steps already taken)."""
 
-    def prepare_captions(self, captions: list[str]) -> list[str]:
-        """The captions the text encoders see for a batch (e.g. with a learned token's placeholders spelt out)."""
+    def prepare_captions(self, captions: list[str], rng: random.Random | None = None) -> list[str]:
+        """The captions the text encoders see for a batch (e.g. with a learned token's placeholders spelt out).
+
+        Random choices draw from `rng` when given (validation), else from the method's own generator.
+        """
         return captions
 
     @abstractmethod

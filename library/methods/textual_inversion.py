@@ -236,13 +236,14 @@ class TextualInversionMethod(TrainingMethod):
     def trainable_modules(self) -> list[torch.nn.Module]:
         return [self.embedding]
 
-    def prepare_captions(self, captions: list[str]) -> list[str]:
+    def prepare_captions(self, captions: list[str], rng: random.Random | None = None) -> list[str]:
         args = self.args
         templates = (
             OBJECT_TEMPLATES if args.use_object_template else STYLE_TEMPLATES if args.use_style_template else None
         )
         if templates is not None:
-            captions = [self.rng.choice(templates).format(args.token_string) for _ in captions]
+            rng = rng or self.rng
+            captions = [rng.choice(templates).format(args.token_string) for _ in captions]
         elif not self.warned_missing_token and any(args.token_string.lower() not in c.lower() for c in captions):
             logger.warning(
                 "some captions lack --token_string %s; those images teach the embedding nothing", args.token_string

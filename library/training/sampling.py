@@ -25,6 +25,7 @@ import torch
 
 from library.atomic import atomic_path
 from library.errors import ConfigError, MissingPackageError
+from library.training.evaluation import evaluation_weights
 
 if TYPE_CHECKING:
     from library.families.base import ModelFamily
@@ -356,19 +357,6 @@ def when_label(global_step: int, epoch: int | None) -> str:
 
 
 @contextlib.contextmanager
-def evaluation_mode(modules: list[torch.nn.Module]) -> Iterator[None]:
-    """Put `modules` in eval mode (no dropout) and restore every submodule's own mode afterwards."""
-    modes = [(module, module.training) for root in modules for module in root.modules()]
-    for root in modules:
-        root.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-@contextlib.contextmanager
 def preserved_rng(device: torch.device) -> Iterator[None]:
     """Run a block without consuming the training run's random numbers (torch CPU and the CUDA device)."""
     devices = [device.index or 0] if device.type == "cuda" else []
@@ -400,26 +388,19 @@ def draw_samples(run: Run, epoch: int | None = None) -> list[str]:
 
 
 def _draw_on_main(run: Run, epoch: int | None) -> list[str]:
-    from library.training.optimizers import set_optimizer_mode
-
     options, family, models = run.options.sampling, run.family, run.models
     folder = os.path.join(run.options.loop.output_dir, "sample")
     when = when_label(run.state.global_step, epoch)
     timestamp = time.strftime("%Y%m%d%H%M%S")
-    modules = [models.denoiser, models.vae, *models.text_encoders, *run.method.trainable_modules()]
     started = time.perf_counter()
-    set_optimizer_mode(run.optimizer, training=False)  # schedule-free: draw with the evaluation weights
-    try:
-        device = run.accelerator.device
-        with evaluation_mode(modules), preserved_rng(device), placed_on(models.vae, device), torch.no_grad():
-            pipeline = family.make_pipeline(models, family.sample_scheduler(options.sampler))
-            pipeline.set_progress_bar_config(disable=True)
-            paths = [
-                _draw_one(run, pipeline, prompt, index, folder, when, timestamp)
-                for index, prompt in enumerate(options.prompts)
-            ]
-    finally:
-        set_optimizer_mode(run.optimizer, training=True)
+    device = run.accelerator.device
+    with evaluation_weights(run), preserved_rng(device), placed_on(models.vae, device), torch.no_grad():
+        pipeline = family.make_pipeline(models, family.sample_scheduler(options.sampler))
+        pipeline.set_progress_bar_config(disable=True)
+        paths = [
+            _draw_one(run, pipeline, prompt, index, folder, when, timestamp)
+            for index, prompt in enumerate(options.prompts)
+        ]
     logger.info("%d sample image(s) in %s (%.1f s)", len(paths), folder, time.perf_counter() - started)
     return paths
 

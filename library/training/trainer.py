@@ -17,6 +17,8 @@ from library.families.base import LoadedModels, ModelFamily
 from library.methods.base import TrainingMethod
 from library.training import metadata as md
 from library.training.block_swap import BlockRunner, place_blocks
+from library.training.evaluation import evaluation_weights
+from library.training.forward import encode_batch, predict_noised
 from library.training.fused_optimizers import (
     FusedOptimizers,
     FusedOptions,
@@ -38,7 +40,6 @@ from library.training.optimizers import (
     build_lr_scheduler,
     build_optimizer,
     current_learning_rates,
-    set_optimizer_mode,
 )
 from library.training.sampling import SampleOptions, draw_samples
 from library.training.saving import SaveOptions, remove_path, step_saves
@@ -374,14 +375,8 @@ def _batch_loss(run: Run, batch: dict) -> torch.Tensor:
     """The forward pass of one batch and its loss (mean of the per-sample losses)."""
     family, models, accelerator = run.family, run.models, run.accelerator
     with accelerator.autocast():
-        with torch.no_grad():
-            # Latents precomputed by a cache or by finetune/prepare_buckets_latents.py arrive in the batch.
-            raw = batch["latents"] if batch.get("latents") is not None else family.encode_images(models, batch["images"])
-            latents = family.scale_latents(models, raw.to(accelerator.device))
-        with torch.set_grad_enabled(run.method.trains_text_encoder):
-            conditioning = family.encode_conditioning(models, run.method.prepare_captions(batch["captions"]), batch)
-        inputs = family.training_inputs(latents, run.generator, run.options.noise)
-        prediction = family.predict(models, inputs.noisy_latents, inputs.timesteps, conditioning)
+        encoded = encode_batch(family, run.method, models, batch, accelerator.device)
+        prediction, inputs = predict_noised(family, models, encoded, run.generator, run.options.noise)
     alphas_cumprod = family.alphas_cumprod
     masks = batch.get("masks") if run.options.loss.masked_loss else None
     per_sample = per_sample_loss(
@@ -562,8 +557,6 @@ def _save_result(run: Run, name: str) -> str:
     for runner in run.runners:
         runner.synchronize()  # swapped weights reach their host copies before they are read
     if accelerator.is_main_process:
-        # Schedule-free optimizers hold training-point weights; the evaluation point is what gets saved.
-        set_optimizer_mode(run.optimizer, training=False)
         metadata = dict(run.base_metadata)
         metadata.update(
             {
@@ -572,8 +565,8 @@ def _save_result(run: Run, name: str) -> str:
                 "ss_training_finished_at": str(time.time()),
             }
         )
-        run.method.save(path, metadata, accelerator.unwrap_model)
-        set_optimizer_mode(run.optimizer, training=True)
+        with evaluation_weights(run):  # what is saved is what samples and validation see
+            run.method.save(path, metadata, accelerator.unwrap_model)
         logger.info("saved %s", path)
         run.uploader.upload_result(path)
     return path

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -17,10 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from library.errors import ConfigError
+from library.training.forward import encode_batch, predict_noised
 from library.training.noise import NoiseOptions
 
 if TYPE_CHECKING:
     from library.families.base import LoadedModels, ModelFamily
+    from library.methods.base import TrainingMethod
     from library.training.trainer import Run
 
 logger = logging.getLogger(__name__)
@@ -89,12 +92,18 @@ class ValidationOptions:
 
 
 def validation_losses(
-    family: ModelFamily, models: LoadedModels, group, device: torch.device, autocast
+    family: ModelFamily,
+    models: LoadedModels,
+    group,
+    device: torch.device,
+    autocast,
+    method: TrainingMethod | None = None,
 ) -> dict[str, float]:
     """{"val/loss": mean over images and timesteps, "val/loss_t<T>": mean over images at timestep T}.
 
-    `group` is the validation DatasetGroup; `autocast` a context factory (the run's `accelerator.autocast`).
-    The loss is the mean squared error against the family's target, unweighted and without masks.
+    `group` is the validation DatasetGroup; `autocast` a context factory (the run's `accelerator.autocast`); the
+    method prepares the captions as in training (textual inversion spells out its token). The loss is the mean
+    squared error against the family's target, unweighted and without masks.
     """
     sums = torch.zeros(len(VALIDATION_TIMESTEPS), dtype=torch.float64)
     count = 0
@@ -103,47 +112,39 @@ def validation_losses(
             batch = group[index]
             torch.manual_seed(NOISE_SEED + index)  # VAE sampling draws from the global generator
             with autocast():
-                sums += _batch_losses(family, models, batch, index, device)
+                sums += _batch_losses(family, method, models, batch, index, device)
             count += len(batch["captions"])
     means = (sums / max(count, 1)).tolist()
     losses = {f"val/loss_t{timestep}": value for timestep, value in zip(VALIDATION_TIMESTEPS, means, strict=True)}
     return {"val/loss": sum(means) / len(means), **losses}
 
 
-def _batch_losses(family: ModelFamily, models: LoadedModels, batch: dict, index: int, device) -> torch.Tensor:
+def _batch_losses(
+    family: ModelFamily, method: TrainingMethod | None, models: LoadedModels, batch: dict, index: int, device
+) -> torch.Tensor:
     """Summed per-sample losses of one batch at each validation timestep (T,) float64."""
-    raw = batch["latents"] if batch.get("latents") is not None else family.encode_images(models, batch["images"])
-    latents = family.scale_latents(models, raw.to(device))  # (B, C, h, w)
-    conditioning = family.encode_conditioning(models, batch["captions"], batch)
+    encoded = encode_batch(family, method, models, batch, device, random.Random(NOISE_SEED + index))
     sums = []
     for timestep in VALIDATION_TIMESTEPS:
         generator = torch.Generator().manual_seed(NOISE_SEED + index)  # the same noise at every timestep
-        timesteps = torch.full((latents.shape[0],), timestep, dtype=torch.long, device=device)
-        inputs = family.training_inputs(latents, generator, PLAIN_NOISE, timesteps=timesteps)
-        prediction = family.predict(models, inputs.noisy_latents, inputs.timesteps, conditioning)
+        timesteps = torch.full((encoded.latents.shape[0],), timestep, dtype=torch.long, device=device)
+        prediction, inputs = predict_noised(family, models, encoded, generator, PLAIN_NOISE, timesteps)
         per_sample = F.mse_loss(prediction.float(), inputs.target.float(), reduction="none").mean(dim=(1, 2, 3))
         sums.append(per_sample.sum().double().cpu())
     return torch.stack(sums)
 
 
 def run_validation(run: Run) -> dict[str, float]:
-    """Compute, log and return the validation losses with the current weights; main process only."""
-    from library.training.optimizers import set_optimizer_mode
-    from library.training.sampling import evaluation_mode
+    """Compute, log and return the validation losses with the evaluation weights; main process only."""
+    from library.training.evaluation import evaluation_weights
 
-    accelerator, models = run.accelerator, run.models
+    accelerator = run.accelerator
     accelerator.wait_for_everyone()
     losses: dict[str, float] = {}
     if accelerator.is_main_process:
-        modules = [models.denoiser, models.vae, *models.text_encoders, *run.method.trainable_modules()]
-        set_optimizer_mode(run.optimizer, training=False)
-        try:
-            with evaluation_mode(modules):
-                losses = validation_losses(
-                    run.family, models, run.dataset.validation, accelerator.device, accelerator.autocast
-                )
-        finally:
-            set_optimizer_mode(run.optimizer, training=True)
+        with evaluation_weights(run):
+            losses = validation_losses(run.family, run.models, run.dataset.validation, accelerator.device,
+                                       accelerator.autocast, run.method)  # fmt: skip
         _log(run, losses)
     accelerator.wait_for_everyone()
     return losses
