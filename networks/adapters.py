@@ -99,6 +99,12 @@ class Adapter(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def swap_output_halves(cls, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The same module with the two halves of its output rows exchanged (between diffusers' and the original
+        layout's order); an involution."""
+        raise NotImplementedError
+
+    @classmethod
     def fuse_parts(cls, states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """One module's tensors equivalent to adapters on each part of a fused layer (for `split_qkv`)."""
         raise CheckpointError(f"{cls.__name__} adapters cannot be written as one fused module; leave out split_qkv")
@@ -270,6 +276,11 @@ class LoRAModule(Adapter):
         down = tensors["lora_down.weight"].to(device, torch.float32)
         dim, alpha = cls.rank_of(tensors)
         return delta_weight(up, down) * (alpha / dim)
+
+    @classmethod
+    def swap_output_halves(cls, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        first, second = tensors["lora_up.weight"].chunk(2, dim=0)
+        return dict(tensors, **{"lora_up.weight": torch.cat([second, first], dim=0)})
 
     @classmethod
     def fuse_parts(cls, states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

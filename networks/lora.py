@@ -151,8 +151,15 @@ class LoRANetwork(nn.Module):
         state: dict[str, torch.Tensor] = {}
         for module in self.text_encoder_loras + self.unet_loras:
             tensors = module.file_state() if isinstance(module, SplitAdapter) else module.state_dict()
+            tensors = self._original_order(module, tensors)
             state.update({f"{module.lora_name}.{key}": value for key, value in tensors.items()})
         return state
+
+    def _original_order(self, module: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tensors between the model's row order and the file's (they differ for `swapped_halves` targets)."""
+        if not self.targets[module.lora_name].swapped_halves:
+            return tensors
+        return type(leaf_adapters(module)[0]).swap_output_halves(tensors)
 
     def diffusers_state_dict(self) -> dict[str, torch.Tensor]:
         """diffusers / PEFT names: one lora_A / lora_B pair per diffusers layer, alpha / rank folded into lora_B."""
@@ -222,6 +229,7 @@ class LoRANetwork(nn.Module):
             tensors = _module_tensors(weights, module.lora_name)
             if not tensors:
                 continue
+            tensors = self._original_order(module, tensors)
             if isinstance(module, SplitAdapter):
                 module.load_file_state(tensors, os.fspath(file))
             else:
@@ -251,7 +259,7 @@ class LoRANetwork(nn.Module):
         if unknown:
             raise CheckpointError(f"{len(unknown)} LoRA modules match no layer of the model: {_first(unknown)}.")
         for name, tensors in by_name.items():
-            modules[name].merge(tensors, dtype, device)
+            modules[name].merge(self._original_order(modules[name], tensors), dtype, device)
         logger.info("Merged %d LoRA modules into the model.", len(by_name))
 
     # ---- optimizer -----------------------------------------------------------------------------------------

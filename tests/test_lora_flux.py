@@ -155,3 +155,29 @@ def test_lora_flux_rejects_unknown_args_and_bad_indices(transformer):
         lora_flux.create_network(1.0, 4, 2, None, [], transformer, train_double_block_indices="1,5")
     with pytest.raises(ConfigError, match="in_dims needs 5 dims"):
         lora_flux.create_network(1.0, 4, 2, None, [], transformer, in_dims="[4,4]")
+
+
+def test_lora_on_the_final_modulation_keeps_bfl_row_order_in_files(transformer, tmp_path):
+    """diffusers holds the final modulation as scale|shift, the BFL file as shift|scale; LoRA files follow the BFL
+    file (what ComfyUI adds them to), and reloading or merging them gives the trained effect."""
+    model = copy.deepcopy(transformer)
+    network = trained_network(model, network_reg_dims=r"final_layer\.adaLN_modulation=2")
+    ours = run(model)
+    name = "lora_unet_final_layer_adaLN_modulation_1"
+    model_delta = network.get_submodule(name).delta_weight()
+    path = str(tmp_path / "lora.safetensors")
+    network.save_weights(path, None, {})
+    saved = load_file(path)
+    file_delta = saved[f"{name}.lora_up.weight"] @ saved[f"{name}.lora_down.weight"]  # alpha 2 / rank 2
+    first, second = model_delta.chunk(2)
+    torch.testing.assert_close(file_delta, torch.cat([second, first]))
+
+    reloaded_model = copy.deepcopy(transformer)
+    reloaded, _ = lora_flux.create_network_from_weights(1.0, path, None, [], reloaded_model)
+    reloaded.apply_to([], reloaded_model, False, True)
+    reloaded.load_weights(path)
+    torch.testing.assert_close(run(reloaded_model), ours, atol=1e-6, rtol=0)
+    merged_model = copy.deepcopy(transformer)
+    merger, weights = lora_flux.create_network_from_weights(1.0, path, None, [], merged_model)
+    merger.merge_to(None, merged_model, weights, torch.float32, "cpu")
+    torch.testing.assert_close(run(merged_model), ours, atol=1e-5, rtol=0)

@@ -33,6 +33,9 @@ class AdapterTarget:
     kind: str = ""  # what family --network_args select it by (e.g. "img_attn" for img_attn_dim)
     block: tuple[str, int] | None = None  # (block list, index) for block-selection network args
     diffusers_names: tuple[str, ...] = ()  # diffusers / PEFT module name of each of `layers`
+    # The original layout holds this layer's output rows with their two halves exchanged (diffusers' final norms
+    # keep scale|shift where the original has shift|scale): adapter files get the rows in the original order.
+    swapped_halves: bool = False
 
     @property
     def part_sizes(self) -> list[int]:

@@ -177,6 +177,7 @@ def transformer_targets(transformer: torch.nn.Module) -> list[AdapterTarget]:
             lora_name(UNET_PREFIX, module), tuple(transformer.get_submodule(part) for part in parts), None, module,
             kind=path[2] if in_block else path[0], block=(path[0], int(path[1])) if in_block else None,
             diffusers_names=tuple(f"transformer.{part}" for part in parts),
+            swapped_halves=module == flux_keys.FINAL_MODULATION,
         ))  # fmt: skip
     return targets
 
