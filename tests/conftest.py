@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -14,15 +15,34 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="session")
-def tiny_models_dir(tmp_path_factory) -> str:
-    """`sd1`, `sd2` and `sd2-v` tiny models as .safetensors, .ckpt and diffusers folders."""
-    from library.testing.tiny_models import write_variant
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models: they gain nothing from more, which idle-wait on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
-    out = str(tmp_path_factory.mktemp("models"))
-    for variant in ("sd1", "sd2-v"):
-        write_variant(variant, out)
-    return out
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory):
+    """`tiny_family(family_id)`: the family's tiny models on disk (library/testing/families.py), built once."""
+    from library.testing.families import write_tiny
+
+    built = {}
+
+    def get(family: str):
+        if family not in built:
+            built[family] = write_tiny(family, str(tmp_path_factory.mktemp(f"tiny-{family}")))
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tiny_family) -> str:
+    """`sd1` and `sd2-v` tiny models as .safetensors, .ckpt and diffusers folders."""
+    return os.path.dirname(tiny_family("sd").files["sd1-safetensors"])
 
 
 @pytest.fixture(scope="session")
@@ -34,21 +54,15 @@ def tokenizer_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_sdxl_dir(tmp_path_factory) -> str:
+def tiny_sdxl_dir(tiny_family) -> str:
     """The tiny SDXL model as `sdxl.safetensors` (SGM layout) and `sdxl-diffusers/`."""
-    from library.testing.tiny_sdxl import write_tiny_sdxl
-
-    out = str(tmp_path_factory.mktemp("sdxl"))
-    write_tiny_sdxl(out)
-    return out
+    return os.path.dirname(tiny_family("sdxl").files["safetensors"])
 
 
 @pytest.fixture(scope="session")
-def tiny_flux_dir(tmp_path_factory) -> dict[str, str]:
+def tiny_flux_dir(tiny_family) -> dict[str, str]:
     """The tiny FLUX.1 model as BFL / ae / clip_l / t5xxl files, a diffusers folder and a tokenizer cache (paths)."""
-    from library.testing.tiny_flux import write_tiny_flux
-
-    return write_tiny_flux(str(tmp_path_factory.mktemp("flux")))
+    return tiny_family("flux").files
 
 
 @pytest.fixture(scope="session")

@@ -25,12 +25,7 @@ from library.training.block_swap import (
 from networks import lora_flux
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only wait
 
 
 class ToyBlock(nn.Module):

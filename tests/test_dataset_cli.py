@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from library.config.dataset_cli import load_group_config
+from library.config.dataset_cli import DatasetSource, load_group_config
 from library.data import inspect
 from library.data.dataset import add_dataset_arguments, build_dataset_group
 from library.errors import ConfigError
@@ -37,10 +37,10 @@ GUIDE_FLAGS = {
 }
 
 
-def _parse(argv: list[str]) -> argparse.Namespace:
+def _parse(argv: list[str]) -> DatasetSource:
     parser = argparse.ArgumentParser()
     add_dataset_arguments(parser)
-    return parser.parse_args(argv)
+    return DatasetSource.from_args(parser.parse_args(argv))
 
 
 def _legacy_folders(tmp_path: Path) -> tuple[Path, Path]:

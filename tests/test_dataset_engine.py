@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from library.config.dataset_cli import DatasetSource
 from library.config.dataset_config import load_dataset_config
 from library.data import inspect
 from library.data.buckets import bucket_sizes, no_upscale_sizes
@@ -289,7 +290,7 @@ def test_dataset_arguments_defaults_and_build(tmp_path):
         False,
         False,
     )
-    assert len(build_dataset_group(args, seed=0, prior_loss_weight=1.0)) == 1
+    assert len(build_dataset_group(DatasetSource.from_args(args), seed=0, prior_loss_weight=1.0)) == 1
 
 
 def test_dataloader_workers_follow_set_epoch(tmp_path):

@@ -12,18 +12,12 @@ from library.errors import CheckpointError, ConfigError
 from tests.finetune_models import BLIP_WORDS, write_broken_image, write_solid_images, write_tiny_blip
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only wait
+
+
 @pytest.fixture(scope="module")
 def blip_dir(tmp_path_factory) -> str:
     return write_tiny_blip(str(tmp_path_factory.mktemp("blip")))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread than on threads competing for a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -15,13 +15,7 @@ from library.errors import CheckpointError, ConfigError, DatasetError
 from tests.finetune_models import write_broken_image
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread than on threads competing for a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only wait
 
 
 @pytest.fixture

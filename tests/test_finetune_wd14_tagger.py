@@ -15,6 +15,9 @@ from tests.finetune_models import TAGGER_TAGS, write_broken_image, write_solid_i
 
 pytest.importorskip("onnxruntime", reason="the tagger needs onnxruntime (optional extra)")
 pytest.importorskip("onnx", reason="the tiny tagger is exported with torch.onnx, which needs onnx")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only wait
+
+
 TABLE = TagTable(names=[name for name, _, _ in TAGGER_TAGS], categories=np.array([c for _, c, _ in TAGGER_TAGS]))
 PROBABILITIES = np.array([p for _, _, p in TAGGER_TAGS])
 
@@ -22,15 +25,6 @@ PROBABILITIES = np.array([p for _, _, p in TAGGER_TAGS])
 @pytest.fixture(scope="module")
 def tagger_dir(tmp_path_factory) -> str:
     return write_tiny_tagger(str(tmp_path_factory.mktemp("wd14_tagger_model")))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread than on threads competing for a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tags(**options) -> list[str]:

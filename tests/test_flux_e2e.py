@@ -18,6 +18,9 @@ from tests.conftest import run_cli
 from tests.test_train_network_e2e import epoch_losses
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only wait
+
+
 def flux_args(script: str, paths: dict[str, str], dataset: str, out_dir: str, *extra: str) -> list[str]:
     return [
         script,
@@ -43,14 +46,6 @@ def assert_finished(result) -> str:
     losses = epoch_losses(output)
     assert losses and all(torch.isfinite(torch.tensor(losses))), losses
     return output
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_transformer(model) -> torch.Tensor:

@@ -15,6 +15,9 @@ from library.training.entry import build_parser
 from library.training.noise import NoiseOptions
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only wait
+
+
 def flux_args(paths: dict[str, str], *extra: str, single_files: bool = True, method=NetworkMethod):
     argv = ["--output_dir", "unused", "--tokenizer_cache_dir", paths["tokenizers"]]
     if single_files:
@@ -23,14 +26,6 @@ def flux_args(paths: dict[str, str], *extra: str, single_files: bool = True, met
     else:
         argv += ["--pretrained_model_name_or_path", paths["diffusers"]]
     return build_parser(FluxFamily, method, "test").parse_args([*argv, *extra])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

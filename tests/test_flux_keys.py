@@ -11,12 +11,7 @@ from library.checkpoints import flux_configs, flux_files, flux_keys
 from library.errors import CheckpointError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only wait
 
 
 def test_flux_keys_transformer_file_round_trips_bit_identical(tiny_flux_dir):

@@ -29,21 +29,15 @@ from tests.conftest import run_cli
 from tests.test_full_model_training import UNET, changed_prefixes, cli_args, train_in_process
 from tests.test_sdxl_e2e import sdxl_args
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only wait
+
+
 ADAFACTOR = ["--optimizer_type", "AdaFactor"]  # relative_step=True: AdaFactor's own schedule
 ADAFACTOR_COSINE = ["--optimizer_type", "AdaFactor", "--optimizer_args", "relative_step=False", "scale_parameter=False",
                     "--learning_rate", "1e-2", "--lr_scheduler", "cosine"]  # fmt: skip
 ADAMW_WARMUP_COSINE = ["--optimizer_type", "AdamW", "--optimizer_args", "weight_decay=0.1", "--learning_rate", "1e-2",
                        "--lr_scheduler", "cosine", "--lr_warmup_steps", "2"]  # fmt: skip
 TOTAL_STEPS = 6  # schedule length; the tests train 3 of them
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models here are tiny; more threads only wait on each other on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def parse(*argv: str) -> argparse.Namespace:

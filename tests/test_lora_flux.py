@@ -15,12 +15,7 @@ from library.testing import tiny_configs
 from networks import lora_flux
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only wait
 
 
 @pytest.fixture(scope="module")

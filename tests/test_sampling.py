@@ -34,6 +34,9 @@ from tests.conftest import run_cli
 from tests.dataset_helpers import write_images
 from tests.test_train_network_e2e import train_args
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only wait
+
+
 PROMPTS_TXT = """# prompt 1: every option
 a red circle, toy picture --n blurry, dark --w 64 --h 64 --d 3 --l 5.5 --s 2
 
@@ -41,15 +44,6 @@ a red circle, toy picture --n blurry, dark --w 64 --h 64 --d 3 --l 5.5 --s 2
 a blue square --w 100 --h 64 --s 2 --l 1
 """
 SAMPLE_NAME = re.compile(r"^lora_(e\d{6}|\d{6})_(\d{2})_(\d{14})_(\d+)\.png$")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models' calls are small; one thread avoids idle-waiting on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---- prompt files --------------------------------------------------------------------------------------------

@@ -13,6 +13,9 @@ from library.checkpoints import sdxl_keys
 from tests.conftest import run_cli
 from tests.test_train_network_e2e import epoch_losses
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only wait
+
+
 UNET_KEY = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight"
 TE1_KEY = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"
 TE2_KEY = "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"
@@ -33,15 +36,6 @@ def sdxl_args(script: str, model: str, dataset: str, out_dir: str, tokenizer_dir
         "--cpu_threads", "1",  # tiny models: more threads only wait on each other, badly so on a busy machine
         *extra,
     ]  # fmt: skip
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """In-process model calls here are tiny; one thread avoids idle-waiting on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def assert_finished(result) -> None:

@@ -14,21 +14,15 @@ from library.families.sdxl import SDXLFamily, size_conditioning
 from library.methods.network import NetworkMethod
 from library.training.entry import build_parser, run_training
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only wait
+
+
 LONG_CAPTION = "a red circle on a blue square, " * 20  # well over 75 tokens
 
 
 def sdxl_args(model: str, tokenizer_dir: str, *extra: str, method=NetworkMethod):
     argv = ["--pretrained_model_name_or_path", model, "--output_dir", "unused", "--tokenizer_cache_dir", tokenizer_dir]
     return build_parser(SDXLFamily, method, "test").parse_args([*argv, *extra])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models' calls are small; one thread avoids idle-waiting on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -155,9 +149,9 @@ def test_cache_text_encoder_outputs_refuses_caption_shuffle_before_loading(toy_d
 
 
 def group_args(dataset_config: str):
-    import argparse
+    from library.config.dataset_cli import DatasetSource
 
-    return argparse.Namespace(dataset_config=dataset_config)
+    return DatasetSource(dataset_config=dataset_config)
 
 
 def test_disk_cache_is_reused_only_for_the_same_caption(loaded, tiny_sdxl_dir, tokenizer_dir, tmp_path):

@@ -17,19 +17,13 @@ from tests.dataset_helpers import all_batches, group_of, one_dataset, subset_lin
 from tests.test_sampling import training_runs
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only wait
+
+
 @pytest.fixture(scope="session")
 def sampled_runs(tiny_models_dir, toy_dataset, tokenizer_dir, tmp_path_factory) -> dict:
     """The end-to-end runs of tests/test_sampling.py (made once per session, whichever file asks first)."""
     return training_runs(tiny_models_dir, toy_dataset, tokenizer_dir, tmp_path_factory.getbasetemp() / "sampling")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models' calls are small; one thread avoids idle-waiting on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def folder_of(tmp_path, name: str, count: int):

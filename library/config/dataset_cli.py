@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,30 @@ def _add_option_flag(parser: argparse.ArgumentParser, spec: OptionSpec) -> None:
         parser.add_argument(spec.cli, type=spec.parse_cli, default=None, help=help_text)
 
 
+@dataclass(frozen=True)
+class DatasetSource:
+    """Where a run's datasets come from: a config file or the legacy folders, and the option flags given."""
+
+    dataset_config: Path | None = None
+    train_data_dir: str | None = None
+    reg_data_dir: str | None = None
+    in_json: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # option name -> value of the flags given
+    debug_dataset: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> DatasetSource:
+        """The dataset options of a parsed command line (parsers without some of them leave them unset)."""
+        return cls(
+            dataset_config=getattr(args, "dataset_config", None),
+            train_data_dir=getattr(args, "train_data_dir", None),
+            reg_data_dir=getattr(args, "reg_data_dir", None),
+            in_json=getattr(args, "in_json", None),
+            overrides=command_line_overrides(args),
+            debug_dataset=getattr(args, "debug_dataset", False),
+        )
+
+
 def command_line_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Option values given as flags, keyed by option name (flags not given are left out)."""
     values = {}
@@ -69,23 +94,23 @@ def command_line_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def load_group_config(args: argparse.Namespace) -> DatasetGroupConfig:
+def load_group_config(source: DatasetSource) -> DatasetGroupConfig:
     """The dataset config of a run: the config file with flags below it, or the legacy command-line format."""
-    overrides = command_line_overrides(args)
-    if getattr(args, "dataset_config", None) is not None:
-        ignored = [f"--{name}" for name in LEGACY_SOURCE_OPTIONS if getattr(args, name, None) is not None]
+    overrides = source.overrides
+    if source.dataset_config is not None:
+        ignored = [f"--{name}" for name in LEGACY_SOURCE_OPTIONS if getattr(source, name) is not None]
         if ignored:
             logger.warning("%s ignored: --dataset_config defines the datasets.", ", ".join(ignored))
-        return load_dataset_config(args.dataset_config, overrides)
-    if getattr(args, "train_data_dir", None) is None and getattr(args, "in_json", None) is None:
+        return load_dataset_config(source.dataset_config, overrides)
+    if source.train_data_dir is None and source.in_json is None:
         raise ConfigError(
             "No dataset given: pass --dataset_config with a .toml or .json dataset config file, or --train_data_dir "
             "with '<repeats>_<identifier> <class>' folders, or --in_json with a fine-tuning metadata file."
         )
-    return parse_dataset_config(legacy_config_data(args), "command line", overrides)
+    return parse_dataset_config(legacy_config_data(source), "command line", overrides)
 
 
-def legacy_config_data(args: argparse.Namespace) -> dict[str, Any]:
+def legacy_config_data(args: DatasetSource) -> dict[str, Any]:
     """The config tables the legacy options stand for."""
     train_dir = args.train_data_dir
     if train_dir is not None and not os.path.isdir(train_dir):
@@ -98,7 +123,7 @@ def legacy_config_data(args: argparse.Namespace) -> dict[str, Any]:
             )
         subset = {"metadata_file": args.in_json} | ({} if train_dir is None else {"image_dir": train_dir})
         return {"datasets": [{"subsets": [subset]}]}
-    if getattr(args, "dataset_repeats", None) is not None:
+    if "num_repeats" in args.overrides:
         logger.warning("--dataset_repeats ignored: the repeats of DreamBooth folders come from their names.")
     subsets = _repeat_folders(train_dir, "--train_data_dir", is_reg=False)
     if args.reg_data_dir is not None:

@@ -1,8 +1,9 @@
 """All datasets of a run as one torch Dataset whose items are whole batches, in a (seed, epoch)-determined order.
 
-Usage: `group = build_dataset_group(args, seed, prior_loss_weight)`, then per epoch `group.set_epoch(epoch)` before
-iterating `group.make_dataloader(...)`. Batches never mix buckets; the order and every random choice (flip, crop,
-caption shuffle and dropout) depend only on (seed, epoch, sample), so a resumed run sees exactly the same data.
+Usage: `group = build_dataset_group(DatasetSource.from_args(args), seed, prior_loss_weight)`, then per epoch
+`group.set_epoch(epoch)` before iterating `group.make_dataloader(...)`. Batches never mix buckets; the order and
+every random choice (flip, crop, caption shuffle and dropout) depend only on (seed, epoch, sample), so a resumed run
+sees exactly the same data.
 With several training processes, each process's group is told its place (`num_processes`, `process_index`) and
 yields only its share of every global batch (see library/data/batching.py).
 """
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from library.config.dataset_cli import add_dataset_option_arguments, load_group_config
+from library.config.dataset_cli import DatasetSource, add_dataset_option_arguments, load_group_config
 from library.config.dataset_config import DatasetGroupConfig
 from library.data.image_dataset import ImageDataset, Sample
 from library.data.latent_cache import LatentEncoder, fill_latent_cache
@@ -53,14 +54,14 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_dataset_group(
-    args: argparse.Namespace, seed: int, prior_loss_weight: float, num_processes: int = 1, process_index: int = 0
+    source: DatasetSource, seed: int, prior_loss_weight: float, num_processes: int = 1, process_index: int = 0
 ) -> DatasetGroup:
     """Validate the dataset options and scan every image folder (headers and captions only; no model needed)."""
     if prior_loss_weight < 0:
         raise ConfigError(f"--prior_loss_weight = {prior_loss_weight} is invalid: expected a number >= 0.")
-    config = load_group_config(args)
+    config = load_group_config(source)
     group = DatasetGroup.from_config(config, seed, prior_loss_weight, num_processes, process_index)
-    if getattr(args, "debug_dataset", False):
+    if source.debug_dataset:
         print(format_summary(group.summary(sample_captions=True)))  # --debug_dataset: the summary is the product
     return group
 

@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 
-from library.config.dataset_cli import add_dataset_option_arguments, load_group_config
+from library.config.dataset_cli import DatasetSource, add_dataset_option_arguments, load_group_config
 from library.data.dataset import DatasetGroup
 from library.data.summary import format_summary
 from library.errors import UserError
@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     try:
         # The weight of reg images does not change any count, so any value serves here.
-        group = DatasetGroup.from_config(load_group_config(args), seed=args.seed, prior_loss_weight=1.0)
+        config = load_group_config(DatasetSource.from_args(args))
+        group = DatasetGroup.from_config(config, seed=args.seed, prior_loss_weight=1.0)
     except UserError as err:
         logging.getLogger(__name__).error("%s", err)
         return 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 from abc import ABC, abstractmethod
 from typing import ClassVar
@@ -12,15 +13,24 @@ import torch
 from library.families.base import LoadedModels, ModelFamily
 
 
+class MethodOptions:
+    """Base of a method's typed options: a dataclass whose fields are named like the options they come from."""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace):
+        return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
+
+
 class TrainingMethod(ABC):
     """One way of training a family's models."""
 
     name: ClassVar[str]
     adapter: ClassVar[str | None] = None  # model-spec adapter suffix, e.g. "lora"
     trains_base_weights: ClassVar[bool] = False  # the base model's own weights train (fine-tuning, DreamBooth)
+    options_class: ClassVar[type[MethodOptions]]  # the typed options the method reads (built from the parsed args)
 
     def __init__(self, args: argparse.Namespace):
-        self.args = args
+        self.options = self.options_class.from_args(args)
 
     @classmethod
     @abstractmethod

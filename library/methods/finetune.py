@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from library.errors import ConfigError
 from library.families.base import LoadedModels, ModelFamily
-from library.methods.base import TrainingMethod
+from library.methods.base import MethodOptions, TrainingMethod
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +43,25 @@ def add_full_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+@dataclass(frozen=True)
+class FullTrainingOptions(MethodOptions):
+    """The typed options of fine-tuning and DreamBooth (each parser defaults the other's switches)."""
+
+    train_text_encoder: bool
+    stop_text_encoder_training: int | None
+    learning_rate: float
+    learning_rate_te: float | None
+    diffusers_xformers: bool
+    save_model_as: str
+    save_precision: str | None
+
+
 class FineTuneMethod(TrainingMethod):
     """Full training of the denoiser; the text encoders train with --train_text_encoder."""
 
     name = "finetune"
     trains_base_weights = True
+    options_class = FullTrainingOptions
 
     def __init__(self, args: argparse.Namespace):
         super().__init__(args)
@@ -65,15 +80,16 @@ class FineTuneMethod(TrainingMethod):
             action="store_true",
             help="accepted for compatibility; attention already uses PyTorch's memory-efficient kernels",
         )
+        parser.set_defaults(stop_text_encoder_training=None)
 
     def text_encoder_steps(self) -> int | None:
         """For how many steps the text encoders train: None for all, 0 for none."""
-        return None if self.args.train_text_encoder else 0
+        return None if self.options.train_text_encoder else 0
 
     def validate(self) -> None:
-        if self.args.learning_rate_te is not None and self.args.learning_rate_te < 0:
-            raise ConfigError(f"--learning_rate_te must not be negative, got {self.args.learning_rate_te}")
-        if getattr(self.args, "diffusers_xformers", False):
+        if self.options.learning_rate_te is not None and self.options.learning_rate_te < 0:
+            raise ConfigError(f"--learning_rate_te must not be negative, got {self.options.learning_rate_te}")
+        if self.options.diffusers_xformers:
             logger.info("--diffusers_xformers: nothing to switch; attention runs on PyTorch's efficient kernels")
 
     @property
@@ -89,9 +105,10 @@ class FineTuneMethod(TrainingMethod):
                 model.to(torch.float32)
             model.requires_grad_(True)
             model.train()
-        groups = family.denoiser_param_groups(models.denoiser, self.args.learning_rate)
+        groups = family.denoiser_param_groups(models.denoiser, self.options.learning_rate)
         if self.text_encoder_active:
-            lr_te = self.args.learning_rate if self.args.learning_rate_te is None else self.args.learning_rate_te
+            options = self.options
+            lr_te = options.learning_rate if options.learning_rate_te is None else options.learning_rate_te
             rates = family.text_encoder_learning_rates(lr_te)  # one per encoder where the family has options
             for index, encoder in enumerate(models.text_encoders):
                 groups.append({"params": list(encoder.parameters()), "lr": rates[min(index, len(rates) - 1)]})
@@ -113,7 +130,7 @@ class FineTuneMethod(TrainingMethod):
             logger.info("text encoder training stopped after step %d (--stop_text_encoder_training)", global_step)
 
     def output_extension(self) -> str:
-        return SAVE_EXTENSIONS[self.args.save_model_as]
+        return SAVE_EXTENSIONS[self.options.save_model_as]
 
     def save(self, path: str, metadata: dict[str, str], unwrap) -> None:
         models = dataclasses.replace(
@@ -121,14 +138,14 @@ class FineTuneMethod(TrainingMethod):
             denoiser=unwrap(self.models.denoiser),
             text_encoders=[unwrap(encoder) for encoder in self.models.text_encoders],
         )
-        dtype = SAVE_DTYPES[self.args.save_precision]
-        self.family.save_model(models, path, self.args.save_model_as, dtype, metadata)
+        dtype = SAVE_DTYPES[self.options.save_precision]
+        self.family.save_model(models, path, self.options.save_model_as, dtype, metadata)
 
     def metadata(self) -> dict[str, str]:
-        args = self.args
+        args = self.options
         return {
             "ss_train_text_encoder": str(self.text_encoder_steps() != 0),
-            "ss_stop_text_encoder_training": getattr(args, "stop_text_encoder_training", None),
+            "ss_stop_text_encoder_training": args.stop_text_encoder_training,
             "ss_learning_rate_te": str(args.learning_rate if args.learning_rate_te is None else args.learning_rate_te),
         }
 
@@ -147,12 +164,13 @@ class DreamBoothMethod(FineTuneMethod):
             default=None,
             help="train the text encoders for the first N steps only, then the denoiser alone (0: never)",
         )
+        parser.set_defaults(train_text_encoder=True, diffusers_xformers=False)
 
     def text_encoder_steps(self) -> int | None:
-        return self.args.stop_text_encoder_training
+        return self.options.stop_text_encoder_training
 
     def validate(self) -> None:
         super().validate()
-        steps = self.args.stop_text_encoder_training
+        steps = self.options.stop_text_encoder_training
         if steps is not None and steps < 0:
             raise ConfigError(f"--stop_text_encoder_training must be 0 or more, got {steps}")

@@ -7,13 +7,14 @@ import importlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 
 from library.atomic import atomic_path
 from library.errors import ConfigError, MissingPackageError
 from library.families.base import LoadedModels, ModelFamily
-from library.methods.base import TrainingMethod
+from library.methods.base import MethodOptions, TrainingMethod
 from library.training.optimizers import parse_key_values
 
 logger = logging.getLogger(__name__)
@@ -21,15 +22,36 @@ logger = logging.getLogger(__name__)
 SAVE_FORMATS = ("safetensors", "ckpt", "pt")
 
 
+@dataclass(frozen=True)
+class NetworkMethodOptions(MethodOptions):
+    """The typed options of the network method."""
+
+    network_module: str
+    network_dim: int | None
+    network_alpha: float | None
+    network_dropout: float | None
+    network_args: list[str]
+    network_weights: str | None
+    network_train_unet_only: bool
+    network_train_text_encoder_only: bool
+    unet_lr: float | None
+    text_encoder_lr: float | None
+    learning_rate: float
+    save_model_as: str
+    save_precision: str | None
+    gradient_checkpointing: bool
+
+
 class NetworkMethod(TrainingMethod):
     """Train an adapter network through the public plugin interface (`create_network`, `apply_to` ...)."""
 
     name = "network"
     adapter = "lora"
+    options_class = NetworkMethodOptions
 
     def __init__(self, args: argparse.Namespace):
         super().__init__(args)
-        self.network_kwargs = parse_key_values(args.network_args or [], "--network_args")
+        self.network_kwargs = parse_key_values(self.options.network_args or [], "--network_args")
         self.network = None
         self.module = None
 
@@ -69,7 +91,7 @@ class NetworkMethod(TrainingMethod):
         )
 
     def validate(self) -> None:
-        args = self.args
+        args = self.options
         if args.network_train_unet_only and args.network_train_text_encoder_only:
             raise ConfigError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
         if args.network_dim is not None and args.network_dim < 1:
@@ -89,14 +111,14 @@ class NetworkMethod(TrainingMethod):
 
     @property
     def train_unet(self) -> bool:
-        return not self.args.network_train_text_encoder_only
+        return not self.options.network_train_text_encoder_only
 
     @property
     def trains_text_encoder(self) -> bool:
-        return not self.args.network_train_unet_only
+        return not self.options.network_train_unet_only
 
     def setup(self, family: ModelFamily, models: LoadedModels) -> list[dict]:
-        args = self.args
+        args = self.options
         visible = family.network_text_encoders(models)
         text_encoders = visible[0] if len(visible) == 1 else visible
         denoiser = family.network_denoiser(models)
@@ -121,7 +143,7 @@ class NetworkMethod(TrainingMethod):
         return self._param_groups(network, family.text_encoder_learning_rates(args.text_encoder_lr))
 
     def _param_groups(self, network, text_encoder_lrs: list[float | None]) -> list[dict]:
-        args = self.args
+        args = self.options
         # One rate for all encoders as a plain number: third-party plugins may not take a list.
         text_encoder_lr = text_encoder_lrs[0] if len(set(text_encoder_lrs)) == 1 else text_encoder_lrs
         if not self.trains_text_encoder:
@@ -149,17 +171,17 @@ class NetworkMethod(TrainingMethod):
             self.network.on_step_start(models.text_encoders, models.denoiser)
 
     def output_extension(self) -> str:
-        return "." + self.args.save_model_as
+        return "." + self.options.save_model_as
 
     def save(self, path: str, metadata: dict[str, str], unwrap) -> None:
-        dtype = SAVE_DTYPES.get(self.args.save_precision)
+        dtype = SAVE_DTYPES.get(self.options.save_precision)
         network = unwrap(self.network)
         # The plugin picks the format from the extension, so the temporary file keeps it.
         with atomic_path(path) as temp:
             network.save_weights(temp, dtype, metadata if path.endswith(".safetensors") else None)
 
     def metadata(self) -> dict[str, str]:
-        args = self.args
+        args = self.options
         return {
             "ss_network_module": args.network_module,
             "ss_network_dim": str(self.network_shape[0]),

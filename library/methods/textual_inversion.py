@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -19,7 +20,7 @@ from library.atomic import atomic_path
 from library.checkpoints.files import load_state_dict, save_state_dict
 from library.errors import CheckpointError, ConfigError
 from library.families.base import LoadedModels, ModelFamily
-from library.methods.base import TrainingMethod
+from library.methods.base import MethodOptions, TrainingMethod
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +101,27 @@ def read_embedding(path: str) -> torch.Tensor:
     raise CheckpointError(f"--weights {path}: not an embedding (no 'string_to_param' or {EMBEDDING_KEY!r})")
 
 
+@dataclass(frozen=True)
+class TextualInversionOptions(MethodOptions):
+    """The typed options of textual inversion."""
+
+    token_string: str | None
+    init_word: str | None
+    num_vectors_per_token: int
+    use_object_template: bool
+    use_style_template: bool
+    weights: str | None
+    learning_rate: float
+    save_model_as: str
+    save_precision: str | None
+
+
 class TextualInversionMethod(TrainingMethod):
     """Train new token embeddings for --token_string."""
 
     name = "textual_inversion"
     adapter = "textual-inversion"
+    options_class = TextualInversionOptions
 
     @classmethod
     def default_options(cls) -> dict:
@@ -150,7 +167,7 @@ class TextualInversionMethod(TrainingMethod):
         )
 
     def validate(self) -> None:
-        args = self.args
+        args = self.options
         if not args.token_string or not args.token_string.strip() or " " in args.token_string.strip():
             raise ConfigError("--token_string is required: one new word without spaces, e.g. --token_string mychar4")
         if args.num_vectors_per_token < 1:
@@ -175,7 +192,7 @@ class TextualInversionMethod(TrainingMethod):
 
     @property
     def tokens(self) -> list[str]:
-        return token_names(self.args.token_string.strip(), self.args.num_vectors_per_token)
+        return token_names(self.options.token_string.strip(), self.options.num_vectors_per_token)
 
     def setup(self, family: ModelFamily, models: LoadedModels) -> list[dict]:
         if len(models.text_encoders) != 1:
@@ -191,43 +208,43 @@ class TextualInversionMethod(TrainingMethod):
         logger.info(
             "learning %d vector(s) for %s as tokens %s",
             len(self.tokens),
-            self.args.token_string,
+            self.options.token_string,
             ", ".join(self.tokens),
         )
-        return [{"params": [self.embedding.vectors], "lr": self.args.learning_rate}]
+        return [{"params": [self.embedding.vectors], "lr": self.options.learning_rate}]
 
     def _add_tokens(self, tokenizer) -> None:
         vocab = tokenizer.get_vocab()
         known = [token for token in self.tokens if token in vocab or f"{token}</w>" in vocab]
         if known:
             raise ConfigError(
-                f"--token_string {self.args.token_string}: the tokenizer already knows {', '.join(known)}; choose a "
+                f"--token_string {self.options.token_string}: the tokenizer already knows {', '.join(known)}; choose a "
                 "string that is not a word, e.g. a rare letter combination with a digit"
             )
         added = tokenizer.add_tokens(self.tokens)
         first = tokenizer.convert_tokens_to_ids(self.tokens[0])
         expected = list(range(first, first + len(self.tokens)))
         if added != len(self.tokens) or tokenizer.convert_tokens_to_ids(self.tokens) != expected:
-            raise ConfigError(f"--token_string {self.args.token_string}: the tokenizer could not add {self.tokens}")
+            raise ConfigError(f"--token_string {self.options.token_string}: the tokenizer could not add {self.tokens}")
 
     def _initial_vectors(self, tokenizer, table: torch.Tensor) -> torch.Tensor:
         """(N, D) fp32: --weights, else the --init_word's token vectors (repeated), else random like the table."""
-        count, width = self.args.num_vectors_per_token, table.shape[1]
+        count, width = self.options.num_vectors_per_token, table.shape[1]
         if self.start_vectors is not None:
             if self.start_vectors.shape[1] != width:
                 raise ConfigError(
-                    f"--weights {self.args.weights} has vectors of width {self.start_vectors.shape[1]}; this text "
+                    f"--weights {self.options.weights} has vectors of width {self.start_vectors.shape[1]}; this text "
                     f"encoder needs {width} (was it trained for another model version?)"
                 )
             return self.start_vectors.float().clone()
-        if self.args.init_word is None:
+        if self.options.init_word is None:
             mean, std = table.float().mean(0), table.float().std(0)
             return mean + std * torch.randn(count, width)
-        ids = tokenizer(self.args.init_word, add_special_tokens=False).input_ids
+        ids = tokenizer(self.options.init_word, add_special_tokens=False).input_ids
         if len(ids) > count:
             logger.warning(
                 "--init_word %r has %d tokens; only the first %d start the vectors",
-                self.args.init_word,
+                self.options.init_word,
                 len(ids),
                 count,
             )
@@ -237,7 +254,7 @@ class TextualInversionMethod(TrainingMethod):
         return [self.embedding]
 
     def prepare_captions(self, captions: list[str], rng: random.Random | None = None) -> list[str]:
-        args = self.args
+        args = self.options
         templates = (
             OBJECT_TEMPLATES if args.use_object_template else STYLE_TEMPLATES if args.use_style_template else None
         )
@@ -256,20 +273,20 @@ class TextualInversionMethod(TrainingMethod):
         return [pattern.sub(spelt, caption) for caption in captions]
 
     def output_extension(self) -> str:
-        return "." + self.args.save_model_as
+        return "." + self.options.save_model_as
 
     def save(self, path: str, metadata: dict[str, str], unwrap) -> None:
         vectors = unwrap(self.embedding).vectors.detach().float().cpu()
-        dtype = SAVE_DTYPES[self.args.save_precision]
+        dtype = SAVE_DTYPES[self.options.save_precision]
         if dtype is not None:
             vectors = vectors.to(dtype)
-        if self.args.save_model_as == "safetensors":
+        if self.options.save_model_as == "safetensors":
             save_state_dict({EMBEDDING_KEY: vectors}, path, metadata)
             return
         payload = {
             "string_to_token": {"*": A1111_PLACEHOLDER_ID},
             "string_to_param": {"*": vectors.clone()},
-            "name": self.args.token_string,
+            "name": self.options.token_string,
             "step": int(metadata.get("ss_steps", 0)),
             "sd_checkpoint": None,
             "sd_checkpoint_name": None,
@@ -278,7 +295,7 @@ class TextualInversionMethod(TrainingMethod):
             torch.save(payload, temp)
 
     def metadata(self) -> dict[str, str]:
-        args = self.args
+        args = self.options
         template = "object" if args.use_object_template else "style" if args.use_style_template else None
         return {
             "ss_token_string": args.token_string,

@@ -148,3 +148,19 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def write_tiny(out_dir: str):
+    """The registry builder (library/testing/families.py)."""
+    from library.testing.families import TinyFamily
+
+    files = write_tiny_flux(out_dir)
+    return TinyFamily(
+        "flux",
+        ("--pretrained_model_name_or_path", files["transformer"], "--ae", files["ae"], "--clip_l", files["clip_l"],
+         "--t5xxl", files["t5xxl"], "--tokenizer_cache_dir", files["tokenizers"]),
+        ("--pretrained_model_name_or_path", files["diffusers"], "--tokenizer_cache_dir", files["tokenizers"]),
+        {"network": "flux_train_network.py", "finetune": "flux_train.py"},
+        fast_args=("--t5xxl_max_token_length", "16"),
+        files=files,
+    )  # fmt: skip

@@ -161,3 +161,19 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def write_tiny(out_dir: str):
+    """The registry builder (library/testing/families.py): SD 1.x and SD 2.x-v in every format; trained as SD 1.x."""
+    from library.testing.families import TinyFamily
+
+    files = {f"{variant}-{kind}": path for variant in ("sd1", "sd2-v")
+             for kind, path in write_variant(variant, out_dir).items()}  # fmt: skip
+    tokenizers = os.path.join(files["sd1-diffusers"], "tokenizer")
+    return TinyFamily(
+        "sd",
+        ("--pretrained_model_name_or_path", files["sd1-safetensors"], "--tokenizer_cache_dir", tokenizers),
+        ("--pretrained_model_name_or_path", files["sd1-diffusers"]),
+        {"network": "train_network.py", "finetune": "fine_tune.py"},
+        files=files,
+    )

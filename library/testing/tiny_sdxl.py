@@ -134,3 +134,18 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def write_tiny(out_dir: str):
+    """The registry builder (library/testing/families.py)."""
+    from library.testing.families import TinyFamily
+
+    files = write_tiny_sdxl(out_dir)
+    tokenizers = os.path.join(files["diffusers"], "tokenizer")
+    return TinyFamily(
+        "sdxl",
+        ("--pretrained_model_name_or_path", files["safetensors"], "--tokenizer_cache_dir", tokenizers),
+        ("--pretrained_model_name_or_path", files["diffusers"]),
+        {"network": "sdxl_train_network.py", "finetune": "sdxl_train.py"},
+        files=files,
+    )

@@ -19,7 +19,7 @@ from typing import Any
 
 from library.atomic import atomic_write_text
 from library.errors import ConfigError
-from library.training.metadata import SECRET_OPTIONS
+from library.training.metadata import SECRET_OPTIONS, redact_secrets, secret_values
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +192,8 @@ def write_config_file(parser: argparse.ArgumentParser, args: argparse.Namespace)
             value = _config_value(action, args)
             if value is not None:
                 tables.setdefault(_table_name(group.title), {})[action.option_strings[-1].lstrip("-")] = value
+    secrets = secret_values(args)
+    tables = {name: redact_secrets(values, secrets, "config option") for name, values in tables.items()}
     header = (
         "# Training options written by --output_config (only those that differ from the defaults; secrets such as\n"
         "# tokens are never written). Use it with --config_file; options on the command line override it.\n\n"

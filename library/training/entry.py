@@ -8,6 +8,7 @@ import os
 import sys
 
 from library.errors import UserError
+from library.training.metadata import SecretFilter, secret_values
 from library.training.interrupts import TrainingInterrupted
 
 logger = logging.getLogger("library")
@@ -73,6 +74,14 @@ def configure_logging() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
+def hide_secrets_in_logs(secrets: list[str]) -> None:
+    """Every handler of the root logger replaces the run's tokens in the messages it writes."""
+    for handler in logging.getLogger().handlers:
+        for old in [item for item in handler.filters if isinstance(item, SecretFilter)]:
+            handler.removeFilter(old)
+        handler.addFilter(SecretFilter(secrets))
+
+
 def run_training(family_id: str, method_id: str, description: str, argv: list[str] | None = None) -> None:
     """Parse the command line for `family_id` x `method_id` and train; user errors end with one line, exit 1."""
     from library.families import get_family_class
@@ -85,6 +94,7 @@ def run_training(family_id: str, method_id: str, description: str, argv: list[st
     configure_logging()
     try:
         args = parse_with_config_file(parser, argv)  # a --config_file's values are defaults the command line overrides
+        hide_secrets_in_logs(secret_values(args))
         if args.output_config:
             write_config_file(parser, args)
             return

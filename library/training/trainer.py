@@ -151,6 +151,7 @@ def parse_options(args: argparse.Namespace) -> Options:
 
 def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace) -> str:
     """Validate everything, load, train, save. Returns the path of the final file."""
+    from library.config.dataset_cli import DatasetSource
     from library.data.dataset import build_dataset_group
 
     options = parse_options(args)
@@ -163,8 +164,9 @@ def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace)
         options.saving.resume = args.resume = options.hub.local_resume(options.saving.resume)
     resume_position = read_position(options.saving.resume) if options.saving.resume else None
     _choose_seed(options.loop, resume_position)
-    dataset = build_dataset_group(args, seed=options.loop.seed, prior_loss_weight=args.prior_loss_weight)
-    if getattr(args, "debug_dataset", False):
+    source = DatasetSource.from_args(args)
+    dataset = build_dataset_group(source, seed=options.loop.seed, prior_loss_weight=args.prior_loss_weight)
+    if source.debug_dataset:
         return ""
     options.sampling.check_family(family)
     options.validation.check_dataset(dataset)
@@ -588,7 +590,8 @@ def _script_name() -> str:
 
 def _tracker_config(args: argparse.Namespace) -> dict:
     """The options as logged to trackers, without secrets."""
-    return {key: value for key, value in vars(args).items() if key not in md.SECRET_OPTIONS and value is not None}
+    values = {key: value for key, value in vars(args).items() if key not in md.SECRET_OPTIONS and value is not None}
+    return md.redact_secrets(values, md.secret_values(args), "tracked option")
 
 
 def _model_spec_resolution(summary: dict) -> tuple[int, int]:
@@ -636,7 +639,7 @@ def _base_metadata(family, method, options: Options, dataset, schedule, started,
             method.adapter,
             loop.output_name,
             tuple(resolution),
-            getattr(family, "model_spec_extra", dict)(),
+            family.model_spec_extra(),
         )
     )
-    return metadata
+    return md.redact_secrets(metadata, md.secret_values(args))
