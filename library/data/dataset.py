@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 from typing import Any
 
 import numpy as np
@@ -64,6 +65,13 @@ def build_dataset_group(
     if source.debug_dataset:
         print(format_summary(group.summary(sample_captions=True)))  # --debug_dataset: the summary is the product
     return group
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Data-loader workers leave SIGINT / SIGTERM to the trainer: schedulers signal the whole process group, and a
+    worker that died of it would take the run down before the trainer could save."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _take_single(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -200,6 +208,7 @@ class DatasetGroup(Dataset):
             collate_fn=_take_single,
             num_workers=workers,
             persistent_workers=persistent and workers > 0,
+            worker_init_fn=_ignore_stop_signals,
         )
 
     def cache_latents(

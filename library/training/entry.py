@@ -8,8 +8,8 @@ import os
 import sys
 
 from library.errors import UserError
-from library.training.metadata import SecretFilter, secret_values
 from library.training.interrupts import TrainingInterrupted
+from library.training.metadata import SecretFilter, secret_values
 
 logger = logging.getLogger("library")
 

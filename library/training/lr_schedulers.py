@@ -148,7 +148,8 @@ def _check_schedule_arguments(
         if key == "optimizer" or (key not in parameters and not takes_any):
             allowed = sorted(set(parameters) - set(own) - {"optimizer", "self"})
             raise ConfigError(
-                f"--scheduler_args {key}: the {name} schedule does not take it; it takes: {', '.join(allowed) or 'none'}"
+                f"--scheduler_args {key}: the {name} schedule does not take it; it takes: "
+                f"{', '.join(allowed) or 'none'}"
             )
 
 

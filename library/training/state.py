@@ -63,7 +63,8 @@ def read_position(folder: str) -> Position:
     with open(path, encoding="utf-8") as handle:
         values = json.load(handle)
     if values.get("format_version") != FORMAT_VERSION:
-        raise ConfigError(f"--resume: {folder} was written by an incompatible version (format {values.get('format_version')})")
+        version = values.get("format_version")
+        raise ConfigError(f"--resume: {folder} was written by an incompatible version (format {version})")
     return Position(**values)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from library.atomic import recover_interrupted_writes
 from library.data.latent_cache import LatentCacheOptions, cache_dataset_latents
 from library.families.base import LoadedModels, ModelFamily
 from library.methods.base import TrainingMethod
@@ -41,6 +42,7 @@ from library.training.optimizers import (
     build_optimizer,
     current_learning_rates,
 )
+from library.training.output_checks import check_run_outputs
 from library.training.sampling import SampleOptions, draw_samples
 from library.training.saving import SaveOptions, remove_path, step_saves
 from library.training.state import Position, load_state, read_position, save_state
@@ -173,6 +175,7 @@ def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace)
     # validation images need the same caches (text-encoder outputs) as training images
     family.validate_run(dataset.including_validation(), method.trains_text_encoder)
     options.latents.check_dataset(dataset.including_validation())
+    _check_outputs(options, family, dataset.including_validation())
 
     accelerator = _make_accelerator(options)
     _configure_threads(options.loop, accelerator)
@@ -221,6 +224,25 @@ def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace)
     accelerator.end_training()
     run.uploader.finish()  # waits for background uploads; raises if any upload failed
     return path
+
+
+def _check_outputs(options: Options, family: ModelFamily, dataset) -> None:
+    """Every folder the run will write to takes files (else one line now, not a lost result at the first save), and
+    what a killed save left in the output folder is put back or removed."""
+    output_dir = options.saving.output_dir
+    if int(os.environ.get("RANK", "0")) == 0:
+        for line in recover_interrupted_writes(output_dir):
+            logger.warning("%s", line)
+    folders = [(output_dir, "--output_dir")]
+    if options.tracking.logging_dir:
+        folders.append((options.tracking.logging_dir, "--logging_dir"))
+    if options.sampling.enabled:
+        folders.append((os.path.join(output_dir, "sample"), "--output_dir (its sample/ folder)"))
+    if options.latents.to_disk or family.text_cache_options.to_disk:
+        image_folders = sorted({os.path.dirname(path) for group in dataset.datasets for path in group.image_paths})
+        option = "an image folder (disk caches are written next to the images)"
+        folders += [(folder, option) for folder in image_folders]
+    check_run_outputs(folders)
 
 
 def _choose_seed(loop: LoopOptions, resume_position: Position | None) -> None:
