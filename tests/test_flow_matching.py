@@ -41,6 +41,17 @@ def test_flow_matching_flux_shift_grows_with_resolution():
     assert large.mean() > small.mean()
 
 
+def test_flow_matching_nextdit_shift_shifts_uniform_draws_by_resolution():
+    uniform = sigmas_of(timestep_sampling="uniform")
+    large = sigmas_of(timestep_sampling="nextdit_shift", image_tokens=4096)
+    small = sigmas_of(timestep_sampling="nextdit_shift", image_tokens=256)
+    mu = fm.resolution_shift_mu(4096)
+    assert torch.allclose(large, math.exp(mu) / (math.exp(mu) + 1 / uniform - 1))  # the same draws, shifted
+    assert large.mean() > small.mean() > uniform.mean()
+    with pytest.raises(ValueError, match="image token count"):
+        sigmas_of(timestep_sampling="nextdit_shift")
+
+
 def test_flow_matching_sigma_sampling_draws_from_the_shifted_schedule():
     table = fm.discrete_sigmas(3.0)
     drawn = sigmas_of(timestep_sampling="sigma", discrete_flow_shift=3.0)

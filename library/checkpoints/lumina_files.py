@@ -143,6 +143,14 @@ def save_transformer(transformer: torch.nn.Module, path: str, dtype: torch.dtype
     save_state_dict(state, path, metadata if path.endswith(".safetensors") else None)
 
 
+def save_gemma2(gemma2: torch.nn.Module, path: str, dtype: torch.dtype | None) -> None:
+    """Write Gemma2 as one file with the `model.` prefix of the released files (what --gemma2 reads back)."""
+    state = lumina_keys.join_gemma2(gemma2.state_dict(), gemma2.config.num_hidden_layers)
+    if dtype is not None:
+        state = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()}
+    save_state_dict(state, path)
+
+
 def release_scheduler():
     """The sampler of the release: flow-matching Euler with a static shift of 6."""
     from diffusers import FlowMatchEulerDiscreteScheduler

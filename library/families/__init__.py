@@ -8,6 +8,7 @@ FAMILIES: dict[str, str] = {
     "sd": "library.families.sd:SDFamily",
     "sdxl": "library.families.sdxl:SDXLFamily",
     "flux": "library.families.flux:FluxFamily",
+    "lumina": "library.families.lumina:LuminaFamily",
 }
 
 

@@ -30,12 +30,13 @@ WORD_START = "▁"  # Gemma marks a space before a word with this character
 
 
 def tiny_transformer_config() -> dict:
-    """Next-DiT with the release's proportions: 2 layers and 1 refiner layer per stream, 24 wide (2 heads of 12
-    over 1 key/value head, rotary 4/4/4 like 32/32/32 of 96), 32-wide caption features, FFN as wide as 4x hidden."""
+    """Next-DiT with the release's proportions: 4 layers (enough to swap 2 with --blocks_to_swap) and 1 refiner
+    layer per stream, 24 wide (2 heads of 12 over 1 key/value head, rotary 4/4/4 like 32/32/32 of 96), 32-wide
+    caption features, FFN as wide as 4x hidden."""
     return dict(
         lumina_configs.transformer_config(),
         hidden_size=24,
-        num_layers=2,
+        num_layers=4,
         num_refiner_layers=1,
         num_attention_heads=2,
         num_kv_heads=1,
@@ -171,3 +172,19 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def write_tiny(out_dir: str):
+    """The registry builder (library/testing/families.py)."""
+    from library.testing.families import TinyFamily
+
+    files = write_tiny_lumina(out_dir)
+    return TinyFamily(
+        "lumina",
+        ("--pretrained_model_name_or_path", files["transformer"], "--gemma2", files["gemma2"], "--ae", files["ae"],
+         "--gemma2_tokenizer", files["tokenizer"]),
+        ("--pretrained_model_name_or_path", files["diffusers"]),
+        {"network": "lumina_train_network.py", "finetune": "lumina_train.py"},
+        fast_args=("--gemma2_max_token_length", "32"),
+        files=files,
+    )  # fmt: skip

@@ -21,17 +21,18 @@ from library.training.noise import NUM_TRAIN_TIMESTEPS, NoiseOptions, perturb_in
 
 logger = logging.getLogger(__name__)
 
-TIMESTEP_SAMPLING = ("sigma", "uniform", "sigmoid", "shift", "flux_shift")
+TIMESTEP_SAMPLING = ("sigma", "uniform", "sigmoid", "shift", "flux_shift", "nextdit_shift")
 MODEL_PREDICTION_TYPES = ("raw", "additive", "sigma_scaled")
-WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
+WEIGHTING_SCHEMES = ("none", "uniform", "sigma_sqrt", "logit_normal", "mode", "cosmap")  # uniform: SD3's name of none
 DENSITY_SCHEMES = ("logit_normal", "mode")  # schemes that shape the density of "sigma" sampling
 LOSS_WEIGHT_SCHEMES = ("sigma_sqrt", "cosmap")  # schemes that weight the loss (with sigma_scaled)
 # flux_shift: mu grows linearly with the image token count, 0.5 at 256 tokens and 1.15 at 4096 (FLUX.1's schedule).
+# nextdit_shift (Lumina 2) applies the same shift to uniform draws instead of sigmoid-normal ones.
 FLUX_SHIFT_POINTS = ((256, 0.5), (4096, 1.15))
 
-TimestepSampling = Literal["sigma", "uniform", "sigmoid", "shift", "flux_shift"]
+TimestepSampling = Literal["sigma", "uniform", "sigmoid", "shift", "flux_shift", "nextdit_shift"]
 PredictionType = Literal["raw", "additive", "sigma_scaled"]
-WeightingScheme = Literal["none", "sigma_sqrt", "logit_normal", "mode", "cosmap"]
+WeightingScheme = Literal["none", "uniform", "sigma_sqrt", "logit_normal", "mode", "cosmap"]
 
 
 def add_flow_matching_arguments(
@@ -48,7 +49,8 @@ def add_flow_matching_arguments(
         choices=TIMESTEP_SAMPLING,
         help="how noise levels are drawn: sigma (the shifted discrete schedule, density from --weighting_scheme), "
         "uniform, sigmoid (sigmoid of a scaled normal), shift (sigmoid, then --discrete_flow_shift), flux_shift "
-        f"(sigmoid, then the resolution-dependent shift of FLUX.1); default {timestep_sampling}",
+        "(sigmoid, then the resolution-dependent shift of FLUX.1), nextdit_shift (uniform, then that same shift); "
+        f"default {timestep_sampling}",
     )
     parser.add_argument(
         "--sigmoid_scale",
@@ -169,7 +171,8 @@ def sample_sigmas(
 ) -> torch.Tensor:
     """Noise levels (B,) in (0, 1], float32, where the generator lives.
 
-    `image_tokens` is needed by flux_shift; `table` (discrete_sigmas) by sigma sampling, built when not given.
+    `image_tokens` is needed by flux_shift and nextdit_shift; `table` (discrete_sigmas) by sigma sampling, built
+    when not given.
     """
     device = generator.device if generator is not None else "cpu"
     kind = options.timestep_sampling
@@ -179,6 +182,8 @@ def sample_sigmas(
         return table.to(device)[(u * len(table)).long()]
     if kind == "uniform":
         return torch.rand(batch, generator=generator, device=device)
+    if kind == "nextdit_shift":
+        return _nextdit_shift(batch, generator, device, image_tokens)
     sigmas = torch.sigmoid(options.sigmoid_scale * torch.randn(batch, generator=generator, device=device))
     if kind == "shift":
         return shift_sigmas(sigmas, options.discrete_flow_shift)
@@ -187,6 +192,27 @@ def sample_sigmas(
             raise ValueError("flux_shift sampling needs the image token count")
         return time_shift(resolution_shift_mu(image_tokens), sigmas)
     return sigmas  # sigmoid
+
+
+def _nextdit_shift(batch: int, generator, device, image_tokens: int | None) -> torch.Tensor:
+    """Uniform draws kept above zero, then FLUX.1's resolution-dependent shift (the reference's Lumina 2 sampling)."""
+    if image_tokens is None:
+        raise ValueError("nextdit_shift sampling needs the image token count")
+    uniform = torch.rand(batch, generator=generator, device=device).clamp_min(1e-7)
+    return time_shift(resolution_shift_mu(image_tokens), uniform)
+
+
+def sample_shifted_timesteps(
+    batch: int, options: FlowMatchingOptions, generator: torch.Generator | None, shift: float, noise: NoiseOptions
+) -> torch.Tensor:
+    """SD3's training timesteps (B,): u from the weighting scheme's density, shifted by `shift` (SD3's
+    --training_shift), spread over [min_timestep, max_timestep) and cut to whole steps, float32.
+
+    Step 0 is raised to 1: at sigma 0 the sample teaches nothing and sigma_sqrt would weight it infinitely.
+    """
+    u = shift_sigmas(_density(batch, options, generator), shift)
+    low, high = noise.timestep_range(NUM_TRAIN_TIMESTEPS)
+    return (u * (high - low) + low).floor().clamp(min=max(low, 1))
 
 
 def restrict_to_range(sigmas: torch.Tensor, noise: NoiseOptions) -> torch.Tensor:
