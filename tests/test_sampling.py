@@ -207,6 +207,10 @@ def test_sample_size_is_rounded_down_to_a_multiple_of_8_and_defaults_to_the_fami
     assert sample_size(SamplePrompt("a"), 1024) == (1024, 1024)
 
 
+def test_sample_size_follows_the_family_image_size_multiple():
+    assert sample_size(SamplePrompt("a", width=104, height=72), 512, 16) == (96, 64)  # FLUX, SD3, Lumina: 16 px
+
+
 # ---- the drawing pass ----------------------------------------------------------------------------------------
 
 

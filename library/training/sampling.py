@@ -336,11 +336,13 @@ def make_scheduler(sampler: str, training_config: Mapping[str, Any]):
     return scheduler_class.from_config(training_config, **extra, **settings)
 
 
-def sample_size(prompt: SamplePrompt, default: int) -> tuple[int, int]:
-    """(width, height) to draw at: the prompt's or the family's default, rounded down to a multiple of 8."""
+def sample_size(prompt: SamplePrompt, default: int, multiple: int = SIZE_STEP) -> tuple[int, int]:
+    """(width, height) to draw at: the prompt's or the family's default, rounded down to a multiple of `multiple`
+    (the family's image-size multiple: 8, or 16 for the patch-based transformers)."""
     width = prompt.width if prompt.width is not None else default
     height = prompt.height if prompt.height is not None else default
-    return max(MIN_SIZE, width - width % SIZE_STEP), max(MIN_SIZE, height - height % SIZE_STEP)
+    smallest = max(MIN_SIZE, multiple)
+    return max(smallest, width - width % multiple), max(smallest, height - height % multiple)
 
 
 def sample_file_name(output_name: str, when: str, index: int, timestamp: str, seed: int) -> str:
@@ -408,11 +410,14 @@ def _draw_on_main(run: Run, epoch: int | None) -> list[str]:
 def _draw_one(run: Run, pipeline, prompt: SamplePrompt, index: int, folder: str, when: str, timestamp: str) -> str:
     family, models, accelerator = run.family, run.models, run.accelerator
     seed = prompt.seed if prompt.seed is not None else run.options.loop.seed + index
-    width, height = sample_size(prompt, family.default_sample_size)
+    width, height = sample_size(prompt, family.default_sample_size, family.image_size_multiple)
     scale = prompt.scale if prompt.scale is not None else family.default_sample_scale
     generator = torch.Generator().manual_seed(seed)  # on the CPU: the same image from the same seed on any device
     with accelerator.autocast():
         inputs = family.sample_prompt_inputs(models, prompt.prompt, prompt.negative_prompt)
+        # embeddings encoded where the text encoders are (the CPU once their outputs are cached) go to the device
+        inputs = {name: value.to(accelerator.device) if torch.is_tensor(value) else value
+                  for name, value in inputs.items()}  # fmt: skip
         image = pipeline(
             **inputs,
             width=width,
