@@ -136,3 +136,74 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves_and_stops(tiny_m
     assert output.count("SIGTERM received") == 1 and "Traceback" not in output and "killed by signal" not in output
     states = [name for name in os.listdir(out) if name.endswith("-state")]
     assert len(states) == 1 and (out / states[0] / "train_state.json").is_file(), os.listdir(out)
+
+
+# ---- work lost: images that fail to decode mid-training ----------------------------------------------------------
+
+
+def write_damaged_png(path) -> None:
+    """A PNG whose header and end are intact (it passes the start-up check) but whose image data is damaged."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    data = bytearray(path.read_bytes())
+    start = data.index(b"IDAT") + 64
+    data[start : start + 256] = bytes(byte ^ 0xFF for byte in data[start : start + 256])
+    path.write_bytes(bytes(data))
+
+
+def write_png_header(path, width: int, height: int) -> None:
+    """A PNG that declares `width` x `height` pixels (a decompression bomb's header) with almost no data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))  # fmt: skip
+
+
+def dataset_with(tmp_path, bad_name: str, extra: str = ""):
+    from tests.dataset_helpers import one_dataset, subset_lines, write_images
+
+    folder = write_images(tmp_path / "images", [(64, 64)] * 3, {index: f"a toy {index}" for index in range(3)})
+    (folder / f"{bad_name}.txt").write_text("a damaged toy")
+    return folder, one_dataset(tmp_path, "resolution = 64\nbatch_size = 1", subset_lines(folder, extra))
+
+
+def test_image_failing_to_decode_mid_training_saves_a_state_and_names_the_file(tiny_models_dir, tokenizer_dir,
+                                                                               tmp_path):  # fmt: skip
+    folder, config = dataset_with(tmp_path, "broken")
+    write_damaged_png(folder / "broken.png")
+    out = tmp_path / "out"
+    args = lora_args(tiny_models_dir, str(config), tokenizer_dir, out)
+    args[args.index("--max_data_loader_n_workers") + 1] = "1"  # the failure happens in a loader worker
+    result = run_cli(args, tmp_path, launcher=False)
+    line = assert_one_error(result, str(folder / "broken.png"), "--resume")
+    state = line.rsplit("--resume ", 1)[1].strip()
+    assert os.path.isfile(os.path.join(state, "train_state.json")), line
+    assert not [name for name in os.listdir(out) if name.startswith(".")]
+
+
+def test_image_failing_to_decode_is_left_out_with_skip_corrupt_images(tiny_models_dir, tokenizer_dir, tmp_path):
+    folder, config = dataset_with(tmp_path, "broken", "skip_corrupt_images = true")
+    write_damaged_png(folder / "broken.png")
+    result = run_cli(lora_args(tiny_models_dir, str(config), tokenizer_dir, tmp_path / "out"), tmp_path,
+                     launcher=False)  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert f"{folder / 'broken.png'}" in output and "left out (skip_corrupt_images)" in output
+    assert (tmp_path / "out" / "lora.safetensors").is_file()
+
+
+def test_image_above_the_pixel_limit_is_refused_at_start(tiny_models_dir, tokenizer_dir, tmp_path):
+    folder, config = dataset_with(tmp_path, "huge")
+    write_png_header(folder / "huge.png", 30000, 30000)
+    result = run_cli(lora_args(tiny_models_dir, str(config), tokenizer_dir, tmp_path / "out"), tmp_path,
+                     launcher=False)  # fmt: skip
+    assert_one_error(result, str(folder / "huge.png"), "30000x30000", "--max_image_pixels")
+    assert not (tmp_path / "out" / "lora.safetensors").exists()

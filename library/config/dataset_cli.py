@@ -70,6 +70,7 @@ class DatasetSource:
     in_json: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)  # option name -> value of the flags given
     debug_dataset: bool = False
+    max_image_pixels: int = 2 * 89_478_485  # library.data.images.DEFAULT_MAX_PIXELS
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> DatasetSource:
@@ -81,6 +82,7 @@ class DatasetSource:
             in_json=getattr(args, "in_json", None),
             overrides=command_line_overrides(args),
             debug_dataset=getattr(args, "debug_dataset", False),
+            max_image_pixels=getattr(args, "max_image_pixels", cls.max_image_pixels),
         )
 
 

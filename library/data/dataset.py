@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from library.config.dataset_cli import DatasetSource, add_dataset_option_arguments, load_group_config
 from library.config.dataset_config import DatasetGroupConfig
 from library.data.image_dataset import ImageDataset, Sample
+from library.data.images import DEFAULT_MAX_PIXELS, set_pixel_limit
 from library.data.latent_cache import LatentEncoder, fill_latent_cache
 from library.data.scan import scan_subset
 from library.data.summary import dataset_summary, format_summary
@@ -52,6 +53,13 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--debug_dataset", action="store_true", help="print the dataset summary with sample captions and exit"
     )
+    parser.add_argument(
+        "--max_image_pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"refuse (or, with skip_corrupt_images, leave out) images larger than this many pixels when the dataset "
+        f"is scanned; default {DEFAULT_MAX_PIXELS} (about 13400x13400)",
+    )
 
 
 def build_dataset_group(
@@ -60,6 +68,9 @@ def build_dataset_group(
     """Validate the dataset options and scan every image folder (headers and captions only; no model needed)."""
     if prior_loss_weight < 0:
         raise ConfigError(f"--prior_loss_weight = {prior_loss_weight} is invalid: expected a number >= 0.")
+    if source.max_image_pixels < 1:
+        raise ConfigError(f"--max_image_pixels must be 1 or more, got {source.max_image_pixels}")
+    set_pixel_limit(source.max_image_pixels)
     config = load_group_config(source)
     group = DatasetGroup.from_config(config, seed, prior_loss_weight, num_processes, process_index)
     if source.debug_dataset:
@@ -177,14 +188,39 @@ class DatasetGroup(Dataset):
         return [(dataset_index, ids.tolist()) for dataset_index, ids in self._batches]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        """The batch, or `{"failed": message}` when an image cannot be decoded and its subset does not skip corrupt
+        images (the trainer saves and stops with the message; an error raised here would reach it as a worker's
+        traceback)."""
         self._follow_epoch()
         dataset_index, sample_ids = self._batches[index]
         dataset = self.datasets[dataset_index]
-        samples = [
-            dataset.load_sample(int(sample_id), self._sample_rng(dataset_index, int(sample_id)), self._epoch + 1)
-            for sample_id in sample_ids
-        ]
+        samples = []
+        for sample_id in (int(sample_id) for sample_id in sample_ids):
+            sample = self._load_or_skip(dataset, dataset_index, sample_id)
+            if isinstance(sample, str):
+                return {"failed": sample}
+            if sample is not None:
+                samples.append(sample)
+        for mate in dataset.bucket_mates(int(sample_ids[0])) if not samples else []:
+            sample = self._load_or_skip(dataset, dataset_index, mate)  # every image of the batch was left out
+            if isinstance(sample, str):
+                return {"failed": sample}
+            if sample is not None:
+                samples.append(sample)
+                break
+        if not samples:
+            return {"failed": f"{dataset.source}: no image of a batch's bucket could be decoded"}
         return _collate(samples, self.has_masks)
+
+    def _load_or_skip(self, dataset: ImageDataset, dataset_index: int, sample_id: int) -> Sample | None | str:
+        """The sample; None for an undecodable image that its subset skips (with a warning); else the message."""
+        try:
+            return dataset.load_sample(sample_id, self._sample_rng(dataset_index, sample_id), self._epoch + 1)
+        except DatasetError as err:
+            if not dataset.skips_corrupt(sample_id):
+                return f"{err} (skip_corrupt_images = true leaves such images out)"
+            logger.warning("%s; left out (skip_corrupt_images)", err)
+            return None
 
     def _sample_rng(self, dataset_index: int, sample_id: int) -> np.random.Generator:
         return np.random.default_rng((self.seed, self._epoch & _SEED_MASK, dataset_index, sample_id))

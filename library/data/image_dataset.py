@@ -144,6 +144,17 @@ class ImageDataset:
         sample_buckets = self.bucket_of_image[self.samples]
         return plan_batches(sample_buckets, len(self.bucket_sizes), self.config.batch_size, num_processes, rng)
 
+    def skips_corrupt(self, sample_id: int) -> bool:
+        """Whether the subset of this sample leaves undecodable images out (skip_corrupt_images)."""
+        return bool(self.subsets[int(self.subset_of_image[int(self.samples[sample_id])])].skip_corrupt_images)
+
+    def bucket_mates(self, sample_id: int) -> list[int]:
+        """The other samples of this sample's bucket, in a fixed order starting after it."""
+        buckets = self.bucket_of_image[self.samples]
+        mates = np.flatnonzero(buckets == buckets[sample_id])
+        start = int(np.searchsorted(mates, sample_id))
+        return [int(mate) for mate in np.roll(mates, -start - 1) if mate != sample_id]
+
     def caption_of(self, image_index: int, rng: np.random.Generator, epoch: int) -> str:
         """One use of an image's caption in (1-based) `epoch`."""
         subset_index = int(self.subset_of_image[image_index])

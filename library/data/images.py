@@ -17,8 +17,28 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp", 
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
+SKIP_HINT = "Replace it, or set skip_corrupt_images = true (--skip_corrupt_images) to leave such images out."
+# Images above this many pixels are refused when the dataset is scanned (PIL's own decompression-bomb limit by
+# default): one 30000x30000 file would take gigabytes in every loader worker. --max_image_pixels changes it.
+DEFAULT_MAX_PIXELS = 2 * 89_478_485
+_limits = {"pixels": DEFAULT_MAX_PIXELS}
+
+
 class CorruptImageError(DatasetError):
-    """An image file that cannot be used; `skip_corrupt_images` turns it into a warning."""
+    """An image file that cannot be used; `skip_corrupt_images` turns it into a warning.
+
+    `detail` says what is wrong with the file; the message adds what to do about it.
+    """
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"{detail} {SKIP_HINT}")
+        self.detail = detail
+
+
+def set_pixel_limit(pixels: int) -> None:
+    """The largest image (in pixels) the scan accepts; PIL decodes up to it without refusing."""
+    _limits["pixels"] = pixels
+    Image.MAX_IMAGE_PIXELS = max(pixels // 2 + 1, 89_478_485)  # PIL refuses above twice this, warns above it
 
 
 def list_folder(folder: Path | str) -> list[str]:
@@ -56,6 +76,12 @@ def probe_image(path: str) -> tuple[int, int]:
         raise CorruptImageError(f"Cannot read image {path}: {err.strerror or err}.") from None
     if size is None:
         size = _pil_image_size(path)
+    if size[0] * size[1] > _limits["pixels"]:
+        megapixels, limit = size[0] * size[1] / 1e6, _limits["pixels"] / 1e6
+        raise CorruptImageError(
+            f"Image {path} is {size[0]}x{size[1]} ({megapixels:.0f} megapixels), above the limit of {limit:.0f} "
+            "(--max_image_pixels raises it)."
+        )
     if not complete:
         _decode_or_fail(path)
     return size
@@ -91,9 +117,7 @@ def _pil_image_size(path: str) -> tuple[int, int]:
             if "exif" in image.info and image.getexif().get(EXIF_ORIENTATION, 1) in TRANSPOSING_ORIENTATIONS:
                 width, height = height, width
     except _DECODE_ERRORS as err:
-        raise CorruptImageError(
-            f"Cannot read image {path}: {err}. Remove it or replace it with a valid image."
-        ) from None
+        raise CorruptImageError(f"Cannot read image {path}: {err}.") from None
     return width, height
 
 
@@ -102,10 +126,7 @@ def _decode_or_fail(path: str) -> None:
         with Image.open(path) as image:
             image.load()
     except _DECODE_ERRORS as err:
-        raise CorruptImageError(
-            f"Image {path} is truncated or damaged ({err}). Replace it, or set skip_corrupt_images = true "
-            "(--skip_corrupt_images) to leave such images out with a warning."
-        ) from None
+        raise CorruptImageError(f"Image {path} is truncated or damaged ({err}).") from None
 
 
 def load_image(path: str) -> np.ndarray:

@@ -188,7 +188,7 @@ def _size_or_skip(result: Any, path: str, subset: SubsetConfig, source: str) -> 
     if isinstance(result, CorruptImageError):
         if not subset.skip_corrupt_images:
             raise DatasetError(f"{source}: {subset.where}: {result}") from None
-        logger.warning("%s: %s: leaving out %s: %s", source, subset.where, path, result)
+        logger.warning("%s: %s: leaving out %s: %s", source, subset.where, path, result.detail)
         return None
     return _raise_if_error(result)
 

@@ -14,6 +14,7 @@ import torch
 
 from library.atomic import recover_interrupted_writes
 from library.data.latent_cache import LatentCacheOptions, cache_dataset_latents
+from library.errors import DatasetError
 from library.families.base import LoadedModels, ModelFamily
 from library.methods.base import TrainingMethod
 from library.training import metadata as md
@@ -354,6 +355,8 @@ def _train_epochs(run: Run) -> None:
         loader.set_epoch(state.epoch)
         run.method.on_epoch_start(run.models)
         for batch in _batches(loader):
+            if "failed" in batch:
+                _stop_for_unreadable_data(run, batch["failed"])
             loss = _train_step(run, batch)
             state.step_in_epoch += 1
             if loss is None:  # gradients accumulate until the last batch of the group
@@ -367,6 +370,21 @@ def _train_epochs(run: Run) -> None:
             _end_epoch(run)
     _log_epoch_loss(run)  # the last epoch when the step limit ended it early
     progress.close()
+
+
+def _stop_for_unreadable_data(run: Run, message: str) -> None:
+    """An image that fails to decode mid-training: save the result and a state at the last whole step (the state
+    replays an unfinished accumulation group), then stop with one line naming the file."""
+    saving, state = run.options.saving, run.state
+    state.step_in_epoch -= state.step_in_epoch % run.schedule.accumulation
+    name = saving.step_name(state.global_step)
+    _save_result(run, name)
+    _save_state(run, name + "-state")
+    folder = os.path.join(saving.output_dir, name + "-state")
+    raise DatasetError(
+        f"{message}. Training stopped at step {state.global_step}; replace or remove the image, then continue with "
+        f"--resume {folder}"
+    )
 
 
 def _batches(loader):
