@@ -20,5 +20,9 @@ class CheckpointError(UserError):
     """A model checkpoint is missing, unreadable, of the wrong architecture or has wrong keys."""
 
 
+class DiskFullError(UserError):
+    """A result could not be written anywhere for lack of disk space."""
+
+
 class MissingPackageError(UserError):
     """An optional package needed for the requested feature is not installed."""

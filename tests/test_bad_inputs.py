@@ -207,3 +207,37 @@ def test_image_above_the_pixel_limit_is_refused_at_start(tiny_models_dir, tokeni
                      launcher=False)  # fmt: skip
     assert_one_error(result, str(folder / "huge.png"), "30000x30000", "--max_image_pixels")
     assert not (tmp_path / "out" / "lora.safetensors").exists()
+
+
+# ---- work lost: a full disk --------------------------------------------------------------------------------------
+
+
+def test_full_disk_keeps_training_and_puts_the_final_result_where_there_is_room(tiny_models_dir, toy_dataset,
+                                                                                tokenizer_dir, tmp_path, monkeypatch,
+                                                                                caplog):  # fmt: skip
+    import errno
+
+    from library.training import run_outputs
+    from networks.lora import LoRANetwork
+    from tests.training_helpers import train_in_process
+
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    original = LoRANetwork.save_weights
+
+    def save_weights(self, file, dtype, metadata):
+        if os.path.dirname(os.path.abspath(file)) == str(out):
+            raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        return original(self, file, dtype, metadata)
+
+    monkeypatch.setattr(LoRANetwork, "save_weights", save_weights)
+    monkeypatch.setattr(run_outputs, "fallback_folders", lambda: [str(elsewhere)])
+    args = lora_args(tiny_models_dir, toy_dataset, tokenizer_dir, out, "--save_every_n_steps", "1")
+    args[args.index("--max_train_steps") + 1] = "2"
+    with caplog.at_level("WARNING"):
+        train_in_process(args[1:])
+
+    assert "no space left on the disk of" in caplog.text and "needs about" in caplog.text
+    assert f"saved as {elsewhere / 'lora.safetensors'} instead" in caplog.text
+    assert (elsewhere / "lora.safetensors").is_file()
+    assert not [name for name in os.listdir(out) if name.endswith(".safetensors") or name.startswith(".")]

@@ -19,7 +19,6 @@ from library.families.base import LoadedModels, ModelFamily
 from library.methods.base import TrainingMethod
 from library.training import metadata as md
 from library.training.block_swap import BlockRunner, place_blocks
-from library.training.evaluation import evaluation_weights
 from library.training.forward import encode_batch, predict_noised
 from library.training.fused_optimizers import (
     FusedOptimizers,
@@ -44,9 +43,17 @@ from library.training.optimizers import (
     current_learning_rates,
 )
 from library.training.output_checks import check_run_outputs
+from library.training.run_outputs import base_metadata as build_base_metadata
+from library.training.run_outputs import (
+    remove_old_step_saves,
+    remove_stale_epoch_save,
+    save_result,
+    save_run_state,
+    tracker_config,
+)
 from library.training.sampling import SampleOptions, draw_samples
-from library.training.saving import SaveOptions, remove_path, step_saves
-from library.training.state import Position, load_state, read_position, save_state
+from library.training.saving import SaveOptions
+from library.training.state import Position, load_state, read_position
 from library.training.tracking import (
     StepMetrics,
     TrackingOptions,
@@ -210,18 +217,18 @@ def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace)
                                     lambda: family.denoiser_blocks(models))
 
     generator = torch.Generator(device=accelerator.device).manual_seed(options.loop.seed)
-    base_metadata = _base_metadata(family, method, options, dataset, schedule, started, args)
+    base_metadata = build_base_metadata(family, method, options, dataset, schedule, started, args)
     run = Run(family, method, options, accelerator, models, dataset, dataloader, optimizer, lr_scheduler, schedule,
               base_metadata, generator, StopRequest(), uploader=Uploader(options.hub, accelerator.is_main_process),
               fused=fused, runners=runners)
     if options.saving.resume:
         _resume(run, options.saving.resume)
-    start_trackers(accelerator, options.tracking, _script_name(), _tracker_config(args))
+    start_trackers(accelerator, options.tracking, _script_name(), tracker_config(args))
     with run.stop.installed():
         _train_epochs(run)
-    path = _save_result(run, options.loop.output_name)
+    path = save_result(run, options.loop.output_name, final=True)
     if options.saving.save_state or options.saving.save_state_on_train_end:
-        _save_state(run, f"{options.loop.output_name}-state")
+        save_run_state(run, f"{options.loop.output_name}-state")
     accelerator.end_training()
     run.uploader.finish()  # waits for background uploads; raises if any upload failed
     return path
@@ -378,8 +385,8 @@ def _stop_for_unreadable_data(run: Run, message: str) -> None:
     saving, state = run.options.saving, run.state
     state.step_in_epoch -= state.step_in_epoch % run.schedule.accumulation
     name = saving.step_name(state.global_step)
-    _save_result(run, name)
-    _save_state(run, name + "-state")
+    save_result(run, name)
+    save_run_state(run, name + "-state")
     folder = os.path.join(saving.output_dir, name + "-state")
     raise DatasetError(
         f"{message}. Training stopped at step {state.global_step}; replace or remove the image, then continue with "
@@ -532,27 +539,17 @@ def _after_step(run: Run) -> None:
     if run.options.validation.due_after_step(state.global_step):
         run_validation(run)
     if saving.is_step_save(state.global_step) and not run.finished:
-        _save_result(run, saving.step_name(state.global_step))
+        save_result(run, saving.step_name(state.global_step))
         if saving.save_state:
-            _save_state(run, saving.step_name(state.global_step) + "-state")
-        _remove_old_step_saves(run)
+            save_run_state(run, saving.step_name(state.global_step) + "-state")
+        remove_old_step_saves(run)
     if run.stop.requested:
         name = saving.step_name(state.global_step)
-        _save_result(run, name)
+        save_result(run, name)
         if saving.save_state:
-            _save_state(run, name + "-state")
+            save_run_state(run, name + "-state")
         raise TrainingInterrupted(state.global_step, os.path.join(saving.output_dir, name + "-state")
                                   if saving.save_state else None)
-
-
-def _remove_old_step_saves(run: Run) -> None:
-    saving = run.options.saving
-    limit = saving.stale_steps(run.state.global_step)
-    if not limit or not run.accelerator.is_main_process:
-        return
-    for step, path in step_saves(saving.output_dir, saving.output_name):
-        if step <= limit:
-            remove_path(path)
 
 
 def _log_epoch_loss(run: Run) -> None:
@@ -583,103 +580,13 @@ def _end_epoch(run: Run) -> None:
         run_validation(run)
     last = state.epoch >= run.schedule.num_epochs or run.finished
     if saving.is_epoch_save(state.epoch) and not last:
-        _save_result(run, saving.epoch_name(state.epoch))
+        save_result(run, saving.epoch_name(state.epoch))
         if saving.save_state:
-            _save_state(run, saving.epoch_name(state.epoch) + "-state")
-        stale = saving.stale_epoch(state.epoch)
-        if stale is not None and run.accelerator.is_main_process:
-            remove_path(os.path.join(saving.output_dir, saving.epoch_name(stale) + run.method.output_extension()))
-            remove_path(os.path.join(saving.output_dir, saving.epoch_name(stale) + "-state"))
-
-
-def _save_result(run: Run, name: str) -> str:
-    accelerator, state = run.accelerator, run.state
-    path = os.path.join(run.options.saving.output_dir, name + run.method.output_extension())
-    accelerator.wait_for_everyone()
-    for runner in run.runners:
-        runner.synchronize()  # swapped weights reach their host copies before they are read
-    if accelerator.is_main_process:
-        metadata = dict(run.base_metadata)
-        metadata.update(
-            {
-                "ss_epoch": str(state.epoch),
-                "ss_steps": str(state.global_step),
-                "ss_training_finished_at": str(time.time()),
-            }
-        )
-        with evaluation_weights(run):  # what is saved is what samples and validation see
-            run.method.save(path, metadata, accelerator.unwrap_model)
-        logger.info("saved %s", path)
-        run.uploader.upload_result(path)
-    return path
-
-
-def _save_state(run: Run, name: str) -> None:
-    state = run.state
-    position = Position(state.global_step, state.epoch, state.step_in_epoch, run.options.loop.seed,
-                        run.schedule.steps_per_epoch)
-    save_state(run.accelerator, os.path.join(run.options.saving.output_dir, name), position, run.generator)
-    run.uploader.upload_state(os.path.join(run.options.saving.output_dir, name))
+            save_run_state(run, saving.epoch_name(state.epoch) + "-state")
+        remove_stale_epoch_save(run, state.epoch)
 
 
 def _script_name() -> str:
     import sys
 
     return os.path.splitext(os.path.basename(sys.argv[0]))[0] or "train"
-
-
-def _tracker_config(args: argparse.Namespace) -> dict:
-    """The options as logged to trackers, without secrets."""
-    values = {key: value for key, value in vars(args).items() if key not in md.SECRET_OPTIONS and value is not None}
-    return md.redact_secrets(values, md.secret_values(args), "tracked option")
-
-
-def _model_spec_resolution(summary: dict) -> tuple[int, int]:
-    """The first dataset's resolution; with prepared latents (no resolution given) its most used bucket."""
-    if not summary.get("datasets"):
-        return (512, 512)
-    first = summary["datasets"][0]
-    if first["resolution"] is not None:
-        return tuple(first["resolution"])
-    return tuple(max(first["buckets"], key=lambda bucket: bucket[1])[0])
-
-
-def _base_metadata(family, method, options: Options, dataset, schedule, started, args) -> dict[str, str]:
-    summary = dataset.summary()
-    resolution = _model_spec_resolution(summary)
-    loop, optimizer = options.loop, options.optimizer
-    values = {
-        **started,
-        "ss_output_name": loop.output_name,
-        "ss_learning_rate": optimizer.learning_rate,
-        "ss_optimizer": f"{optimizer.optimizer_type}({optimizer.optimizer_args})",
-        "ss_lr_scheduler": optimizer.lr_scheduler,
-        "ss_lr_warmup_steps": optimizer.lr_warmup_steps,
-        "ss_max_grad_norm": optimizer.max_grad_norm,
-        "ss_max_train_steps": schedule.total_steps,
-        "ss_num_epochs": schedule.num_epochs,
-        "ss_num_batches_per_epoch": schedule.batches_per_epoch,
-        "ss_gradient_accumulation_steps": loop.gradient_accumulation_steps,
-        "ss_cache_latents": options.latents.enabled,
-        "ss_full_fp16": options.memory.full_precision == "fp16",
-        "ss_num_train_images": dataset.num_train_images,
-        "ss_num_reg_images": dataset.num_reg_images,
-        "ss_mixed_precision": loop.mixed_precision,
-        "ss_gradient_checkpointing": loop.gradient_checkpointing,
-        "ss_seed": loop.seed,
-        "ss_prior_loss_weight": args.prior_loss_weight,
-        "ss_datasets": summary.get("datasets"),
-        **family.training_metadata(),
-        **method.metadata(),
-    }
-    metadata = md.stringify(values)
-    metadata.update(
-        md.model_spec(
-            family.model_spec_architecture(),
-            method.adapter,
-            loop.output_name,
-            tuple(resolution),
-            family.model_spec_extra(),
-        )
-    )
-    return md.redact_secrets(metadata, md.secret_values(args))
