@@ -241,3 +241,120 @@ def test_full_disk_keeps_training_and_puts_the_final_result_where_there_is_room(
     assert f"saved as {elsewhere / 'lora.safetensors'} instead" in caplog.text
     assert (elsewhere / "lora.safetensors").is_file()
     assert not [name for name in os.listdir(out) if name.endswith(".safetensors") or name.startswith(".")]
+
+
+# ---- silent wrong training: images and captions that decode to something else ---------------------------------
+
+
+@pytest.mark.parametrize("kind", ["gray16", "rgb16", "palette", "la", "cmyk"])
+def test_image_modes_decode_as_a_viewer_shows_them(kind, tmp_path):
+    import cv2
+    import numpy as np
+    from PIL import Image
+
+    from library.data.images import load_image
+
+    ramp = np.linspace(0, 1, 32 * 32).reshape(32, 32)
+    path = tmp_path / ("image.jpg" if kind == "cmyk" else "image.png")
+    if kind == "gray16":
+        cv2.imwrite(str(path), (ramp * 65535).astype(np.uint16))
+        expected = np.repeat((ramp * 255)[..., None], 3, axis=2)
+    elif kind == "rgb16":
+        cv2.imwrite(str(path), np.stack([ramp * 65535, ramp * 30000, ramp * 0], -1).astype(np.uint16))  # BGR
+        expected = np.stack([ramp * 0, ramp * 30000 / 257, ramp * 255], -1)
+    elif kind == "palette":
+        Image.fromarray((ramp * 255).astype(np.uint8), "L").convert("P").save(path)
+        expected = np.repeat((ramp * 255)[..., None], 3, axis=2)
+    elif kind == "la":
+        Image.fromarray(np.stack([(ramp * 255).astype(np.uint8)] * 2, -1), "LA").save(path)
+        expected = np.repeat((ramp * 255)[..., None], 3, axis=2)
+    else:
+        Image.new("CMYK", (32, 32), (0, 255, 255, 0)).save(path, quality=100)
+        expected = np.broadcast_to(np.array([255.0, 0, 0]), (32, 32, 3))
+    decoded = load_image(str(path)).astype(np.float64)
+    assert decoded.shape == (32, 32, 3)
+    assert np.abs(decoded - expected).mean() < 3, (kind, decoded.mean(axis=(0, 1)))
+
+
+def test_utf16_caption_without_bom_is_refused_naming_the_file(tiny_models_dir, tokenizer_dir, tmp_path):
+    from tests.dataset_helpers import one_dataset, subset_lines, write_images
+
+    folder = write_images(tmp_path / "images", [(64, 64)] * 2, {0: "a toy"})
+    (folder / "img001.txt").write_bytes("a red toy".encode("utf-16-le"))
+    config = one_dataset(tmp_path, "resolution = 64", subset_lines(folder))
+    result = run_cli(lora_args(tiny_models_dir, str(config), tokenizer_dir, tmp_path / "out"), tmp_path,
+                     launcher=False)  # fmt: skip
+    assert_one_error(result, str(folder / "img001.txt"), "UTF-16", "UTF-8")
+
+
+def test_captions_of_another_extension_are_named_in_a_warning(tmp_path, caplog):
+    from tests.dataset_helpers import group_of, one_dataset, subset_lines, write_images
+
+    folder = write_images(tmp_path / "images", [(64, 64)] * 2, {0: "a toy", 1: "another toy"})
+    config = one_dataset(tmp_path, "resolution = 64", subset_lines(folder).replace("'.txt'", "'.caption'"))
+    with caplog.at_level("WARNING"):
+        group_of(config)
+    assert "no image has a '.caption' caption file, but 2 have '.txt' ones" in caplog.text
+    assert "caption_extension = '.txt'" in caplog.text
+
+
+# ---- resume states: damaged, mismatched, finished ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_states(tiny_models_dir, toy_dataset, tokenizer_dir, tmp_path_factory):
+    """A finished 4-step run with states at step 2 and at its end (`lora-state`)."""
+    tmp_path = tmp_path_factory.mktemp("states")
+    out = tmp_path / "out"
+    args = lora_args(tiny_models_dir, toy_dataset, tokenizer_dir, out, "--save_every_n_steps", "2", "--save_state")
+    result = run_cli(args, tmp_path, launcher=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return args, out
+
+
+def copy_state(out, tmp_path, name: str = "lora-step00000002-state"):
+    import shutil
+
+    return shutil.copytree(out / name, tmp_path / name)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda state: (state / "optimizer.bin").write_bytes((state / "optimizer.bin").read_bytes()[:100]),
+         "optimizer.bin has 100 of its"),
+        (lambda state: (state / "random_states_0.pkl").unlink(), "random_states_0.pkl is missing"),
+        (lambda state: (state / "noise_generator.pt").unlink(), "noise_generator.pt is missing"),
+        (lambda state: (state / "train_state.json").write_text(""), "train_state.json is damaged"),
+    ],
+)  # fmt: skip
+def test_damaged_state_is_refused_before_loading_naming_the_part(saved_states, tmp_path, damage, message):
+    args, out = saved_states
+    state = copy_state(out, tmp_path)
+    damage(state)
+    args = [*args, "--resume", str(state)]
+    args[args.index("--output_dir") + 1] = str(tmp_path / "new")
+    line = assert_one_error(run_cli(args, tmp_path, launcher=False), "--resume", message)
+    assert "models loaded" not in line
+
+
+def test_resume_given_a_file_or_an_output_folder(saved_states, tmp_path):
+    args, out = saved_states
+    as_file = run_cli([*args, "--resume", str(out / "lora.safetensors")], tmp_path, launcher=False)
+    assert_one_error(as_file, "--resume takes a training state folder", "--network_weights")
+    before = (out / "lora.safetensors").read_bytes()
+    finished = run_cli([*args, "--resume", str(out)], tmp_path, launcher=False)  # its newest state: the end
+    assert_one_error(finished, f"--resume {out / 'lora-state'} is at step 4", "nothing is left to train")
+    assert (out / "lora.safetensors").read_bytes() == before  # the final result is not rewritten
+
+
+def test_state_of_other_options_or_another_script_is_refused(saved_states, tiny_sdxl_dir, tmp_path):
+    args, out = saved_states
+    wider = [*args, "--resume", str(out / "lora-step00000002-state")]
+    wider[wider.index("--network_dim") + 1] = "8"
+    wider[wider.index("--output_dir") + 1] = str(tmp_path / "new")
+    assert_one_error(run_cli(wider, tmp_path, launcher=False), "does not fit this run", "--network_dim")
+    sdxl = [*args, "--resume", str(out / "lora-step00000002-state")]
+    sdxl[0] = "sdxl_train_network.py"
+    sdxl[sdxl.index("--pretrained_model_name_or_path") + 1] = os.path.join(tiny_sdxl_dir, "sdxl.safetensors")
+    assert_one_error(run_cli(sdxl, tmp_path, launcher=False), "saved by a sd network run", "this script trains sdxl")

@@ -31,6 +31,8 @@ def read_caption_file(path: str, all_lines: bool) -> str:
         raise DatasetError(f"Caption file {path} is not UTF-8 text; save it as UTF-8.") from None
     except OSError as err:
         raise DatasetError(f"Cannot read caption file {path}: {err}.") from None
+    if "\x00" in text:  # UTF-16 without a byte-order mark decodes as UTF-8 with a NUL after every letter
+        raise DatasetError(f"Caption file {path} holds NUL characters (saved as UTF-16?); save it as UTF-8.")
     lines = [line.strip() for line in text.splitlines()]
     lines = [line for line in lines if line]
     if not lines:

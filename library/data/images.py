@@ -129,6 +129,15 @@ def _decode_or_fail(path: str) -> None:
         raise CorruptImageError(f"Image {path} is truncated or damaged ({err}).") from None
 
 
+def eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit grayscale images (PIL modes I;16*, I) scaled to 8 bits: PIL's own conversion clips them to white."""
+    if not (image.mode.startswith("I;16") or image.mode == "I"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    peak = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+    return Image.fromarray(np.clip(np.rint(values * (255.0 / peak)), 0, 255).astype(np.uint8), "L")
+
+
 def load_image(path: str) -> np.ndarray:
     """Decode an image as RGB uint8 (H, W, 3), upright according to its EXIF orientation."""
     return load_image_and_alpha(path, with_alpha=False)[0]
@@ -141,7 +150,7 @@ def load_image_and_alpha(path: str, with_alpha: bool = True) -> tuple[np.ndarray
     """
     try:
         with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
+            image = eight_bit(ImageOps.exif_transpose(image))
             has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
             if with_alpha and has_alpha:
                 rgba = np.asarray(image.convert("RGBA"))
@@ -155,7 +164,7 @@ def load_mask(path: str, size: tuple[int, int]) -> np.ndarray:
     """A mask image's R channel as uint8 (H, W), stretched to `size` (width, height) when it differs."""
     try:
         with Image.open(path) as image:
-            red = ImageOps.exif_transpose(image).convert("RGB").getchannel("R")
+            red = eight_bit(ImageOps.exif_transpose(image)).convert("RGB").getchannel("R")
             if red.size != size:
                 red = red.resize(size, Image.Resampling.BILINEAR)
             return np.asarray(red)

@@ -119,6 +119,27 @@ class _FileInfo:
         return image, caption
 
 
+CAPTION_EXTENSIONS = (".txt", ".caption", ".cap")  # what caption files are commonly named
+
+
+def _warn_if_captions_use_another_extension(
+    subset: SubsetConfig, source: str, image_names: list[str], names: set[str]
+) -> None:
+    """No image has a caption file of the configured extension, but some have one of another extension: most likely
+    a caption_extension that does not match the files (every caption would silently be the class tokens)."""
+    if any(caption_file_name(name, subset.caption_extension) in names for name in image_names):
+        return
+    for extension in CAPTION_EXTENSIONS:
+        found = sum(caption_file_name(name, extension) in names for name in image_names)
+        if extension != subset.caption_extension and found:
+            logger.warning(
+                "%s: %s: no image has a '%s' caption file, but %d have '%s' ones, which are not read; set "
+                "caption_extension = '%s' to use them", source, subset.where, subset.caption_extension, found,
+                extension, extension,
+            )  # fmt: skip
+            return
+
+
 def _scan_dreambooth(subset: SubsetConfig, source: str) -> SubsetImages:
     folder = str(subset.image_dir)
     names = list_folder(folder)
@@ -126,6 +147,7 @@ def _scan_dreambooth(subset: SubsetConfig, source: str) -> SubsetImages:
     if not image_names:
         raise DatasetError(_no_images_message(subset, folder, source))
     name_set = set(names)
+    _warn_if_captions_use_another_extension(subset, source, image_names, name_set)
     cache = MetadataCache(folder, subset.cache_info)
     masks = _mask_names(subset, source)
     infos = []

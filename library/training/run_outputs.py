@@ -119,7 +119,7 @@ def save_run_state(run: Run, name: str) -> str | None:
     state = run.state
     folder = os.path.join(run.options.saving.output_dir, name)
     position = Position(state.global_step, state.epoch, state.step_in_epoch, run.options.loop.seed,
-                        run.schedule.steps_per_epoch)  # fmt: skip
+                        run.schedule.steps_per_epoch, family=run.family.id, method=run.method.name)  # fmt: skip
     try:
         save_state(run.accelerator, folder, position, run.generator)
     except OSError as err:

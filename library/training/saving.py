@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -10,6 +11,7 @@ import shutil
 from dataclasses import dataclass
 
 from library.errors import ConfigError
+from library.training.state import STATE_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +93,8 @@ class SaveOptions:
             raise ConfigError("--save_last_n_epochs needs --save_every_n_epochs (it limits those saves)")
         if self.save_last_n_steps and not self.save_every_n_steps:
             raise ConfigError("--save_last_n_steps needs --save_every_n_steps (it limits those saves)")
-        if self.resume is not None and not self.resume_from_hub and not os.path.isdir(self.resume):
-            raise ConfigError(f"--resume: state folder not found: {self.resume}")
+        if self.resume is not None and not self.resume_from_hub:
+            self.resume = local_state_folder(self.resume)
 
     def epoch_name(self, epoch: int) -> str:
         return f"{self.output_name}-{epoch:06d}"
@@ -118,6 +120,40 @@ class SaveOptions:
         if not self.save_last_n_steps:
             return 0
         return max(0, step - self.save_last_n_steps)
+
+
+def local_state_folder(path: str) -> str:
+    """The state folder --resume names: the folder itself, or in an output folder its newest state."""
+    if os.path.isfile(path):
+        raise ConfigError(
+            f"--resume takes a training state folder (<name>-state) and {path} is a file; to start from saved network "
+            "weights use --network_weights"
+        )
+    if not os.path.isdir(path):
+        raise ConfigError(f"--resume: state folder not found: {path}")
+    if os.path.isfile(os.path.join(path, STATE_FILE)):
+        return path
+    newest = newest_state(path)
+    if newest is None:
+        return path  # reading it names what is missing
+    logger.info("--resume %s: continuing from its newest training state, %s", path, newest)
+    return newest
+
+
+def newest_state(folder: str) -> str | None:
+    """The state folder below `folder` with the most steps (complete states only)."""
+    best: tuple[int, str] | None = None
+    for entry in os.scandir(folder):
+        state_file = os.path.join(entry.path, STATE_FILE)
+        if entry.is_dir() and not entry.name.startswith(".") and os.path.isfile(state_file):
+            try:
+                with open(state_file, encoding="utf-8") as handle:
+                    step = int(json.load(handle)["global_step"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if best is None or step > best[0]:
+                best = (step, entry.path)
+    return None if best is None else best[1]
 
 
 def remove_path(path: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "train_state.json"
 GENERATOR_FILE = "noise_generator.pt"
 FORMAT_VERSION = 1
+# The parts a state saved before states listed their files must have (one process).
+LEGACY_PARTS = ("optimizer.bin", "scheduler.bin", "random_states_0.pkl", GENERATOR_FILE)
 
 
 @dataclass
@@ -35,6 +37,9 @@ class Position:
     seed: int
     steps_per_epoch: int
     format_version: int = FORMAT_VERSION
+    family: str | None = None  # what saved it: a state of another family or method cannot continue here
+    method: str | None = None
+    files: dict[str, int] | None = None  # every other file of the folder with its size, checked before resuming
 
 
 def save_state(accelerator, folder: str, position: Position, generator: torch.Generator) -> None:
@@ -46,10 +51,22 @@ def save_state(accelerator, folder: str, position: Position, generator: torch.Ge
     with atomic_path(folder, suffix="") as temp:
         accelerator.save_state(temp)
         torch.save(generator.get_state(), os.path.join(temp, GENERATOR_FILE))
+        position = replace(position, files=_file_sizes(temp))
         with open(os.path.join(temp, STATE_FILE), "w", encoding="utf-8") as handle:
             json.dump(asdict(position), handle, indent=1)
     logger.info("saved training state %s (step %d)", folder, position.global_step)
     accelerator.wait_for_everyone()
+
+
+def _file_sizes(folder: str) -> dict[str, int]:
+    """Size of every file below `folder` (relative paths), the state file itself left out."""
+    sizes = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            sizes[os.path.relpath(path, folder)] = os.path.getsize(path)
+    sizes.pop(STATE_FILE, None)
+    return sizes
 
 
 def read_position(folder: str) -> Position:
@@ -60,19 +77,62 @@ def read_position(folder: str) -> Position:
             f"--resume: {folder} is not a complete training state (no {STATE_FILE}); it may be the leftover of an "
             "interrupted save. Resume from an earlier ...-state folder"
         )
-    with open(path, encoding="utf-8") as handle:
-        values = json.load(handle)
-    if values.get("format_version") != FORMAT_VERSION:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = json.load(handle)
         version = values.get("format_version")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ConfigError(f"--resume: {path} is damaged ({err}); resume from another ...-state folder") from None
+    if version != FORMAT_VERSION:
         raise ConfigError(f"--resume: {folder} was written by an incompatible version (format {version})")
-    return Position(**values)
+    try:
+        position = Position(**values)
+    except TypeError as err:
+        raise ConfigError(f"--resume: {path} is damaged ({err}); resume from another ...-state folder") from None
+    check_files(folder, position)
+    return position
+
+
+def check_files(folder: str, position: Position) -> None:
+    """Every file the state was saved with is there, at its size; else ConfigError naming what is missing or cut
+    short (a state missing a part would resume inexactly without a word)."""
+    expected = position.files if position.files is not None else dict.fromkeys(LEGACY_PARTS, None)
+    problems = []
+    for name, size in expected.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            problems.append(f"{name} is missing")
+        elif size is not None and os.path.getsize(path) != size:
+            problems.append(f"{name} has {os.path.getsize(path)} of its {size} bytes")
+    if problems:
+        raise ConfigError(
+            f"--resume: the training state {folder} is damaged: {'; '.join(problems)}. Resume from another "
+            "...-state folder (or start over)"
+        )
+
+
+def check_origin(folder: str, position: Position, family: str, method: str) -> None:
+    """A state of another family or method cannot continue this run."""
+    saved = (position.family, position.method)
+    if None not in saved and saved != (family, method):
+        raise ConfigError(
+            f"--resume: {folder} was saved by a {position.family} {position.method} run; this script trains "
+            f"{family} with the {method} method. Use the script that saved it"
+        )
 
 
 def load_state(accelerator, folder: str, generator: torch.Generator) -> Position:
     """Restore weights, optimizer, scheduler, RNG and noise generator from a state folder."""
     position = read_position(folder)
-    accelerator.load_state(folder)
-    generator.set_state(torch.load(os.path.join(folder, GENERATOR_FILE), weights_only=True))
+    try:
+        accelerator.load_state(folder)
+        generator.set_state(torch.load(os.path.join(folder, GENERATOR_FILE), weights_only=True))
+    except (RuntimeError, ValueError, KeyError) as err:
+        detail = str(err).strip().splitlines()[0][:300]
+        raise ConfigError(
+            f"--resume: {folder} does not fit this run ({detail}); resume with the options of the run that saved it "
+            "(the same --network_dim, --network_args, model and script)"
+        ) from None
     logger.info(
         "resumed from %s: step %d, epoch %d, %d batches into the epoch",
         folder,

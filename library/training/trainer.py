@@ -14,7 +14,7 @@ import torch
 
 from library.atomic import recover_interrupted_writes
 from library.data.latent_cache import LatentCacheOptions, cache_dataset_latents
-from library.errors import DatasetError
+from library.errors import ConfigError, DatasetError
 from library.families.base import LoadedModels, ModelFamily
 from library.methods.base import TrainingMethod
 from library.training import metadata as md
@@ -53,7 +53,7 @@ from library.training.run_outputs import (
 )
 from library.training.sampling import SampleOptions, draw_samples
 from library.training.saving import SaveOptions
-from library.training.state import Position, load_state, read_position
+from library.training.state import Position, check_origin, load_state, read_position
 from library.training.tracking import (
     StepMetrics,
     TrackingOptions,
@@ -173,6 +173,10 @@ def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace)
     if options.hub.resume_from_huggingface and options.saving.resume:
         options.saving.resume = args.resume = options.hub.local_resume(options.saving.resume)
     resume_position = read_position(options.saving.resume) if options.saving.resume else None
+    if resume_position is not None:
+        check_origin(options.saving.resume, resume_position, family.id, method.name)
+        _check_steps_left(options.saving.resume, resume_position.global_step, options.loop.max_train_steps,
+                          options.loop.max_train_epochs is None)  # fmt: skip
     _choose_seed(options.loop, resume_position)
     source = DatasetSource.from_args(args)
     dataset = build_dataset_group(source, seed=options.loop.seed, prior_loss_weight=args.prior_loss_weight)
@@ -335,8 +339,18 @@ def _make_schedule(loop: LoopOptions, batches_per_epoch: int) -> Schedule:
     return Schedule(steps_per_epoch, num_epochs, total_steps, batches_per_epoch, accumulation)
 
 
+def _check_steps_left(folder: str, done: int, total: int | None, known: bool = True) -> None:
+    """A state that already reached the end trains nothing: say so instead of rewriting the final files."""
+    if known and total is not None and done >= total:
+        raise ConfigError(
+            f"--resume {folder} is at step {done}, and this run ends at step {total}: nothing is left to train, and "
+            "the saved files stay as they are. Raise --max_train_steps (or --max_train_epochs) to train further"
+        )
+
+
 def _resume(run: Run, folder: str) -> None:
     position = load_state(run.accelerator, folder, run.generator)
+    _check_steps_left(folder, position.global_step, run.schedule.total_steps)
     if position.steps_per_epoch != run.schedule.steps_per_epoch:
         logger.warning("the dataset now gives %d steps per epoch, the resumed run had %d: the data order differs",
                        run.schedule.steps_per_epoch, position.steps_per_epoch)
