@@ -217,3 +217,27 @@ def test_fp8_base_stores_weights_in_float8_and_runs_in_bfloat16():
     assert attention.to_q.weight.dtype == fp8.FP8_DTYPE  # cast back after the forward
     with pytest.raises(ConfigError, match="--mixed_precision bf16"):
         fp8.check_compute_dtype(torch.float32)
+
+
+class ShortToyBlock(ToyBlock):
+    """A block with fewer tensors than the others of its list (like SD3's last joint block)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Identity()
+
+
+def test_block_swap_handles_blocks_with_fewer_tensors():
+    torch.manual_seed(0)
+    plain = nn.ModuleList([*(ToyBlock() for _ in range(4)), ShortToyBlock()])
+    swapped = copy.deepcopy(plain)
+    BlockRunner(swapped, "cpu", blocks_to_swap=2).prepare()  # block 1 leaves its tensors to the short block 4
+    hidden = torch.randn(2, 8)
+    for _ in range(2):  # backward brings block 1 back into the short block's two tensors and two fresh ones
+        outputs = [run_toy(blocks, hidden) for blocks in (swapped, plain)]
+        assert torch.allclose(outputs[0], outputs[1], atol=1e-6)
+        for output in outputs:
+            output.square().sum().backward()
+        for mine, reference in zip(swapped.parameters(), plain.parameters()):
+            assert torch.allclose(mine.grad, reference.grad, atol=1e-6)
+            mine.grad = reference.grad = None

@@ -15,7 +15,7 @@ from tests.training_helpers import parsed_args
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
-FAMILIES = ["sd", "sdxl", "flux", "lumina"]
+FAMILIES = ["sd", "sdxl", "flux", "sd3", "lumina"]
 
 
 def lora_run(tiny, dataset: str, out_dir: str) -> list[str]:

@@ -12,12 +12,7 @@ from library.errors import CheckpointError
 from library.testing import tiny_configs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only wait
 
 
 @pytest.fixture(scope="module")

@@ -142,7 +142,7 @@ def unet_module_names(unet_config: Mapping) -> dict[str, str]:
 _OTHER_FAMILIES = {
     "sd1": ("an SD 1.x checkpoint", "train_network.py / fine_tune.py"),
     "sd2": ("an SD 2.x checkpoint", "train_network.py / fine_tune.py --v2"),
-    "sd3": ("an SD3 checkpoint", "the sd3_* scripts"),
+    "sd3": ("an SD3 checkpoint", "sd3_train_network.py / sd3_train.py"),
     "flux": ("a FLUX.1 checkpoint", "the flux_* scripts"),
     "lumina": ("a Lumina checkpoint", "the lumina_* scripts"),
 }

@@ -8,6 +8,7 @@ FAMILIES: dict[str, str] = {
     "sd": "library.families.sd:SDFamily",
     "sdxl": "library.families.sdxl:SDXLFamily",
     "flux": "library.families.flux:FluxFamily",
+    "sd3": "library.families.sd3:SD3Family",
     "lumina": "library.families.lumina:LuminaFamily",
 }
 

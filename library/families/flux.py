@@ -26,6 +26,7 @@ from library.adapters.targets import (
     with_text_model_level,
 )
 from library.checkpoints import flux_configs, flux_files, flux_keys
+from library.checkpoints.family_check import refuse_other_family
 from library.checkpoints.files import safetensors_keys
 from library.checkpoints.t5_tokenizer import load_t5_tokenizer
 from library.checkpoints.tokenizers import load_clip_tokenizer
@@ -234,6 +235,8 @@ class FluxFamily(ModelFamily):
         for option, path in (("--ae", options.ae), ("--clip_l", options.clip_l), ("--t5xxl", options.t5xxl)):
             if path is not None and not os.path.isfile(path):
                 raise CheckpointError(f"{option}: file not found: {path}")
+        if sources.folder is None:  # another family's file ends here, naming its scripts
+            refuse_other_family(options.pretrained_model_name_or_path, ("flux",), allow_pickle=options.allow_pickle)
         missing = sources.missing()
         if missing:
             raise ConfigError(

@@ -13,6 +13,7 @@ BUILDERS: dict[str, str] = {
     "sd": "library.testing.tiny_models:write_tiny",
     "sdxl": "library.testing.tiny_sdxl:write_tiny",
     "flux": "library.testing.tiny_flux:write_tiny",
+    "sd3": "library.testing.tiny_sd3:write_tiny",
     "lumina": "library.testing.tiny_lumina:write_tiny",
 }
 

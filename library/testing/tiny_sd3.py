@@ -146,6 +146,22 @@ def write_tiny_sd3(out_dir: str, seed: int = 0, diffusers_variants: tuple[str, .
     return paths
 
 
+def write_tiny(out_dir: str):
+    """The registry builder (library/testing/families.py): the SD3.5-M-like model, its single file holding the
+    text encoders."""
+    from library.testing.families import TinyFamily
+
+    files = write_tiny_sd3(out_dir)
+    return TinyFamily(
+        "sd3",
+        ("--pretrained_model_name_or_path", files["sd3.5m"], "--tokenizer_cache_dir", files["tokenizers"]),
+        ("--pretrained_model_name_or_path", files["sd3.5m-diffusers"], "--tokenizer_cache_dir", files["tokenizers"]),
+        {"network": "sd3_train_network.py", "finetune": "sd3_train.py"},
+        fast_args=("--t5xxl_max_token_length", "16"),
+        files=files,
+    )  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="write randomly initialised tiny SD3 models in the real formats")
     parser.add_argument("--out", required=True, help="output folder")

@@ -266,10 +266,14 @@ class BlockRunner:
                 for host, tensor in zip(self.host[leaving], device_tensors):
                     host.copy_(tensor, non_blocking=self.cuda)
                 self.host_current[leaving] = True
+            # Blocks of one list may differ (SD3's last joint block, its MMDiT-X blocks): a freed tensor is reused
+            # where the arriving one at its position has its shape, a fresh one is made elsewhere.
+            freed = device_tensors + [None] * (len(self.host[arriving]) - len(device_tensors))
             targets = [
-                tensor if (tensor.shape, tensor.dtype) == (host.shape, host.dtype) else self._device_tensor(host)
-                for tensor, host in zip(device_tensors, self.host[arriving], strict=True)
-            ]
+                tensor if tensor is not None and (tensor.shape, tensor.dtype) == (host.shape, host.dtype)
+                else self._device_tensor(host)
+                for tensor, host in zip(freed, self.host[arriving])
+            ]  # fmt: skip
             for target, host in zip(targets, self.host[arriving]):
                 target.copy_(host, non_blocking=self.cuda)
             if self.stream is not None:

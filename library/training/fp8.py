@@ -14,9 +14,10 @@ logger = logging.getLogger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
 # Precision-critical layers stay in the compute dtype: rotary position tables and the per-head q/k RMSNorms of the
-# transformer; the embeddings and norms of the text encoders.
+# transformer; the embeddings and norms of the text encoders, and T5's feed-forward output layer (transformers casts
+# that layer's input to its weight dtype, which would hand it float8 activations).
 DENOISER_SKIP = ("pos_embed", r"norm_(q|k|added_q|added_k)$")
-TEXT_ENCODER_SKIP = ("embed", "shared", "norm")
+TEXT_ENCODER_SKIP = ("embed", "shared", "norm", r"DenseReluDense\.wo$")
 
 
 def check_compute_dtype(compute_dtype: torch.dtype) -> None:
