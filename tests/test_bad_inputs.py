@@ -358,3 +358,85 @@ def test_state_of_other_options_or_another_script_is_refused(saved_states, tiny_
     sdxl[0] = "sdxl_train_network.py"
     sdxl[sdxl.index("--pretrained_model_name_or_path") + 1] = os.path.join(tiny_sdxl_dir, "sdxl.safetensors")
     assert_one_error(run_cli(sdxl, tmp_path, launcher=False), "saved by a sd network run", "this script trains sdxl")
+
+
+# ---- one actionable line instead of a traceback or a misleading message ----------------------------------------
+
+ENTRY = {"train_network.py": ("sd", "network"), "sdxl_train_network.py": ("sdxl", "network")}
+
+
+def run_in_process(argv: list[str], caplog) -> tuple[int, list[str]]:
+    """An entry script's main function on `argv` (script first): (exit status, ERROR lines). Cases that end before
+    any model loads run here, without a new interpreter for each."""
+    from library.training.entry import run_training
+
+    family, method = ENTRY[argv[0]]
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        try:
+            run_training(family, method, "test", argv[1:])
+            status = 0
+        except SystemExit as stop:
+            status = stop.code
+    return status, [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+
+
+def break_folder_with_links(tmp_path):
+    folder = tmp_path / "links" / "1_toy"
+    folder.mkdir(parents=True)
+    (folder / "a.png").symlink_to(tmp_path / "moved" / "a.png")
+    return ["--train_data_dir", str(tmp_path / "links"), "--resolution", "64"]
+
+
+@pytest.mark.parametrize(
+    ("case", "fragments"),
+    [
+        ("in_json", ["--in_json", "file not found"]),
+        ("config_folder", ["--dataset_config", "is a folder"]),
+        ("broken_links", ["links to missing files", "a.png ->"]),
+        ("negative_lr", ["--learning_rate must be above 0, got -0.0001"]),
+        ("output_extension", ["--output_name lora.safetensors", "--output_name lora)"]),
+        ("huge_repeats", ["num_repeats = 1000000000", "--max_train_steps"]),
+        ("sdxl_folder", ["diffusers folder of an SDXL model", "sdxl_train_network.py"]),
+        ("flux_folder", ["diffusers folder of a FLUX.1 model", "flux_train_network.py"]),
+    ],
+)  # fmt: skip
+def test_bad_option_values_get_one_actionable_line(case, fragments, tiny_models_dir, toy_dataset, tokenizer_dir,
+                                                   tiny_family, tmp_path, caplog):  # fmt: skip
+    args = lora_args(tiny_models_dir, toy_dataset, tokenizer_dir, tmp_path / "out")
+    dataset = args.index("--dataset_config")
+    if case == "in_json":
+        args[dataset : dataset + 2] = ["--in_json", str(tmp_path / "missing.json")]
+    elif case == "config_folder":
+        args[dataset + 1] = str(tmp_path)
+    elif case == "broken_links":
+        args[dataset : dataset + 2] = break_folder_with_links(tmp_path)
+    elif case == "negative_lr":
+        args[args.index("--learning_rate") + 1] = "-1e-4"
+    elif case == "output_extension":
+        args[args.index("--output_name") + 1] = "lora.safetensors"
+    elif case == "huge_repeats":
+        text = open(toy_dataset).read().replace("num_repeats = 1", "num_repeats = 1000000000", 1)
+        (tmp_path / "huge.toml").write_text(text)
+        args[dataset + 1] = str(tmp_path / "huge.toml")
+    else:
+        family = "sdxl" if case == "sdxl_folder" else "flux"
+        args[args.index("--pretrained_model_name_or_path") + 1] = tiny_family(family).files["diffusers"]
+    status, errors = run_in_process(args, caplog)
+    assert status == 1 and len(errors) == 1, errors
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def test_offline_run_without_a_tokenizer_folder_rebuilds_it_quietly_in_the_hub_home(tiny_models_dir, toy_dataset,
+                                                                                     tmp_path):  # fmt: skip
+    model = os.path.join(tiny_models_dir, "sd1.safetensors")
+    args = train_args(model, toy_dataset, str(tmp_path / "out"), "unused")
+    tokenizer = args.index("--tokenizer_cache_dir")
+    del args[tokenizer : tokenizer + 2]
+    args[args.index("--max_train_steps") + 1] = "1"
+    result = run_cli(args, tmp_path, launcher=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "ignoring the tokenizer" not in output
+    assert (tmp_path / "hf_home" / "diffusion-trainer" / "clip_tokenizer" / "vocab.json").is_file()

@@ -46,3 +46,38 @@ def refuse_other_family(
         scripts = {None: f"{network_script} / {full_script}", True: full_script, False: network_script}
         raise CheckpointError(f"{path} holds {what}, which this script does not train: train it with "
                               f"{scripts[full_training]}")  # fmt: skip
+
+
+# A diffusers folder's pipeline class (model_index.json) -> the family names of SCRIPTS.
+PIPELINE_FAMILIES = {
+    "StableDiffusionPipeline": "sd1",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+    "Lumina2Pipeline": "lumina",
+}
+
+
+def folder_family(path: str) -> str | None:
+    """The family of a diffusers folder, read from its model_index.json (None when unknown)."""
+    import json
+    import os
+
+    index = os.path.join(path, "model_index.json")
+    try:
+        with open(index, encoding="utf-8") as handle:
+            pipeline = json.load(handle).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return PIPELINE_FAMILIES.get(pipeline)
+
+
+def refuse_other_family_folder(path: str, own: tuple[str, ...], full_training: bool | None = None) -> None:
+    """Raise CheckpointError when a diffusers folder holds another family's pipeline than `own`."""
+    found = folder_family(path)
+    if found is not None and found not in own and not (found == "sd1" and "sd2" in own):
+        what, network_script, full_script = SCRIPTS[found]
+        scripts = {None: f"{network_script} / {full_script}", True: full_script, False: network_script}
+        what = what.replace("checkpoint", "model").replace("transformer", "model")
+        raise CheckpointError(f"{path} is a diffusers folder of {what}, which this script does not train: train it "
+                              f"with {scripts[full_training]}")  # fmt: skip

@@ -106,6 +106,21 @@ def _with_pad_token(tokenizer, pad_token: str):
     return tokenizer
 
 
+def _in_hub_cache(repo: str, subfolder: str | None) -> bool:
+    """Whether the hub cache holds the repo's tokenizer (asking from_pretrained offline can build an empty one)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    filename = f"{subfolder}/vocab.json" if subfolder else "vocab.json"
+    return isinstance(try_to_load_from_cache(repo, filename), str)
+
+
+def rebuilt_tokenizer_folder() -> str:
+    """Where a CLIP tokenizer rebuilt from open-clip-torch is kept between runs without --tokenizer_cache_dir."""
+    from huggingface_hub import constants
+
+    return os.path.join(constants.HF_HOME, "diffusion-trainer", "clip_tokenizer")
+
+
 def load_clip_tokenizer(v2: bool, model_dir: str | None = None, cache_dir: str | None = None):
     """The SD tokenizer, looked up in order: the diffusers folder, `cache_dir`, the hub cache, open-clip-torch.
 
@@ -123,15 +138,16 @@ def load_clip_tokenizer(v2: bool, model_dir: str | None = None, cache_dir: str |
         if tokenizer is not None:
             return _with_pad_token(tokenizer, pad_token)
     repo, subfolder = (SD2_TOKENIZER_REPO, "tokenizer") if v2 else (SD1_TOKENIZER_REPO, None)
-    kwargs = {"subfolder": subfolder} if subfolder else {}
-    tokenizer = _try_load(repo, local_files_only=True, **kwargs)
-    if tokenizer is not None:
-        return _with_pad_token(tokenizer, pad_token)
-    target = cache_dir
-    if target is None:
-        import tempfile
-
-        target = tempfile.mkdtemp(prefix="clip_tokenizer_")
+    if _in_hub_cache(repo, subfolder):
+        kwargs = {"subfolder": subfolder} if subfolder else {}
+        tokenizer = _try_load(repo, local_files_only=True, **kwargs)
+        if tokenizer is not None:
+            return _with_pad_token(tokenizer, pad_token)
+    target = cache_dir or rebuilt_tokenizer_folder()
+    if os.path.isfile(os.path.join(target, "vocab.json")):
+        tokenizer = _try_load(target)
+        if tokenizer is not None:
+            return _with_pad_token(tokenizer, pad_token)
     logger.info("building the CLIP tokenizer from open-clip-torch's BPE merges into %s", target)
     write_clip_tokenizer_files(target, pad_token=pad_token)
     tokenizer = _try_load(target)

@@ -118,6 +118,8 @@ def legacy_config_data(args: DatasetSource) -> dict[str, Any]:
     if train_dir is not None and not os.path.isdir(train_dir):
         raise ConfigError(f"--train_data_dir {train_dir} is not an existing folder.")
     if args.in_json is not None:
+        if not os.path.isfile(args.in_json):
+            raise ConfigError(f"--in_json {args.in_json}: file not found; give the metadata file (.json)")
         if args.reg_data_dir is not None:
             raise ConfigError(
                 "--reg_data_dir cannot be used with --in_json: fine-tuning datasets have no regularization images. "

@@ -127,6 +127,8 @@ def parse_dataset_config(data: Any, source: str, overrides: Mapping[str, Any] | 
 
 
 def _read_file(path: Path) -> Any:
+    if path.is_dir():
+        raise ConfigError(f"--dataset_config {path} is a folder; give the .toml or .json dataset config file")
     if not path.is_file():
         raise ConfigError(f"Dataset config file {path} does not exist (--dataset_config).")
     try:

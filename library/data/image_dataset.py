@@ -20,6 +20,10 @@ from library.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
+# An epoch's sample plan is kept in memory (8 bytes per sample): a typo like num_repeats = 1000000000 would exhaust
+# it before training starts, and no run takes more steps than this anyway.
+MAX_EPOCH_SAMPLES = 100_000_000
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -105,6 +109,13 @@ class ImageDataset:
         repeats = np.array([s.num_repeats for s in self.subsets], dtype=np.int64)[self.subset_of_image]
         counts = np.where(is_reg, 0, repeats)
         self.num_train_samples = int(counts.sum())
+        if self.num_train_samples > MAX_EPOCH_SAMPLES:
+            largest = max(self.subsets, key=lambda subset: subset.num_repeats)
+            raise DatasetError(
+                f"{self.source}: {self.config.where}: {self.num_train_samples:,} samples per epoch (images times "
+                f"num_repeats) is more than any run can use; {largest.where} has num_repeats = {largest.num_repeats}. "
+                "Lower num_repeats and set --max_train_steps or --max_train_epochs for the run's length"
+            )
         self.num_reg_images = int(is_reg.sum())
         if self.num_reg_images:
             counts[is_reg] = reg_sample_counts(repeats[is_reg], self.num_train_samples)

@@ -218,8 +218,15 @@ def _size_or_skip(result: Any, path: str, subset: SubsetConfig, source: str) -> 
 def _no_images_message(subset: SubsetConfig, folder: str, source: str) -> str:
     hint = ""
     with os.scandir(folder) as entries:
-        if any(entry.is_dir() for entry in entries):
-            hint = " Images must be directly inside image_dir; subfolders are not searched."
+        entries = list(entries)
+    broken = [entry.name for entry in entries if entry.is_symlink() and not os.path.exists(entry.path)]
+    if any(is_image_name(name) for name in broken):
+        example = next(name for name in broken if is_image_name(name))
+        target = os.readlink(os.path.join(folder, example))
+        hint = (f" {len(broken)} of its entries are links to missing files (e.g. {example} -> {target}); the linked "
+                "images were moved or deleted.")  # fmt: skip
+    elif any(entry.is_dir() for entry in entries):
+        hint = " Images must be directly inside image_dir; subfolders are not searched."
     extensions = ".png, .jpg, .jpeg, .webp, .bmp"
     return f"{source}: {subset.where}.image_dir {folder} contains no images ({extensions}).{hint}"
 

@@ -26,7 +26,7 @@ from library.adapters.targets import (
     with_text_model_level,
 )
 from library.checkpoints import flux_configs, flux_files, flux_keys
-from library.checkpoints.family_check import refuse_other_family
+from library.checkpoints.family_check import refuse_other_family, refuse_other_family_folder
 from library.checkpoints.files import safetensors_keys
 from library.checkpoints.t5_tokenizer import load_t5_tokenizer
 from library.checkpoints.tokenizers import load_clip_tokenizer
@@ -237,6 +237,8 @@ class FluxFamily(ModelFamily):
                 raise CheckpointError(f"{option}: file not found: {path}")
         if sources.folder is None:  # another family's file ends here, naming its scripts
             refuse_other_family(options.pretrained_model_name_or_path, ("flux",), allow_pickle=options.allow_pickle)
+        else:
+            refuse_other_family_folder(sources.folder, ("flux",))
         missing = sources.missing()
         if missing:
             raise ConfigError(

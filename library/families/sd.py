@@ -22,6 +22,7 @@ from library.adapters.targets import (
     with_text_model_level,
 )
 from library.checkpoints import sd_keys
+from library.checkpoints.family_check import refuse_other_family, refuse_other_family_folder
 from library.checkpoints.files import load_state_dict
 from library.checkpoints.sd_configs import ddpm_scheduler as make_noise_scheduler
 from library.checkpoints.tokenizers import load_clip_tokenizer
@@ -102,6 +103,16 @@ def add_shared_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def refuse_other_families(model: str, own: tuple[str, ...], method) -> None:
+    """Another family's diffusers folder or .safetensors file ends here, in one line naming its scripts (the file's
+    header is enough: nothing is loaded)."""
+    full_training = None if method is None else method.trains_base_weights
+    if os.path.isdir(model):
+        refuse_other_family_folder(model, own, full_training)
+    elif model.lower().endswith(".safetensors") and os.path.isfile(model):
+        refuse_other_family(model, own, full_training)
+
+
 def check_model_paths(model: str, vae: str | None) -> None:
     """A checkpoint file or --vae that does not exist is reported before anything loads."""
     looks_like_file = os.path.splitext(model)[1].lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -169,6 +180,7 @@ class SDFamily(ModelFamily):
         if options.v_parameterization and not options.v2:
             logger.warning("--v_parameterization without --v2: fine for v-prediction SD 1.x models, unusual otherwise")
         check_model_paths(options.pretrained_model_name_or_path, options.vae)
+        refuse_other_families(options.pretrained_model_name_or_path, ("sd1", "sd2"), method)
 
     # ---- loading -------------------------------------------------------------------------------------------
 

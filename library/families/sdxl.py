@@ -30,6 +30,7 @@ from library.families.sd import (
     add_shared_model_arguments,
     check_model_paths,
     merge_chunk_states,
+    refuse_other_families,
 )
 from library.families.sdxl_view import sgm_unet_view
 
@@ -146,6 +147,7 @@ class SDXLFamily(SDFamily):
         ModelFamily.validate(self, method)  # SD's own checks (SD 2.x flags, clip skip) do not apply
         options = self.options
         check_model_paths(options.pretrained_model_name_or_path, options.vae)
+        refuse_other_families(options.pretrained_model_name_or_path, ("sdxl",), method)
         for index, rate in enumerate(options.text_encoder_lrs, start=1):
             if rate is not None and rate < 0:
                 raise ConfigError(f"the learning rate of text encoder {index} must not be negative, got {rate}")

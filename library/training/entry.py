@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 
 from library.errors import UserError
@@ -74,6 +75,21 @@ def configure_logging() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def attach_negative_values(argv: list[str]) -> list[str]:
+    """`--learning_rate -1e-4` as `--learning_rate=-1e-4`: argparse reads a value starting with "-" as an option
+    unless it is a plain negative number, and would say "expected one argument" instead of checking the value."""
+    joined: list[str] = []
+    for token in argv:
+        if joined and _NEGATIVE_NUMBER.match(token) and joined[-1].startswith("--") and "=" not in joined[-1]:
+            joined[-1] = f"{joined[-1]}={token}"
+        else:
+            joined.append(token)
+    return joined
+
+
 def hide_secrets_in_logs(secrets: list[str]) -> None:
     """Every handler of the root logger replaces the run's tokens in the messages it writes."""
     for handler in logging.getLogger().handlers:
@@ -93,6 +109,7 @@ def run_training(family_id: str, method_id: str, description: str, argv: list[st
     parser = build_parser(family_class, method_class, description)
     configure_logging()
     try:
+        argv = attach_negative_values(sys.argv[1:] if argv is None else argv)
         args = parse_with_config_file(parser, argv)  # a --config_file's values are defaults the command line overrides
         hide_secrets_in_logs(secret_values(args))
         if args.output_config:

@@ -47,6 +47,9 @@ def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
 @dataclass
 class LoopOptions:
     """Typed loop options."""
@@ -86,3 +89,9 @@ class LoopOptions:
             raise ConfigError(f"--output_dir {self.output_dir} exists and is not a folder")
         if not self.output_name or any(sep in self.output_name for sep in "/\\"):
             raise ConfigError(f"--output_name must be a plain file name without folders, got {self.output_name!r}")
+        stem, extension = os.path.splitext(self.output_name)
+        if extension.lower() in MODEL_EXTENSIONS:
+            raise ConfigError(
+                f"--output_name {self.output_name}: give the name without extension (--output_name {stem}); the "
+                "extension comes from --save_model_as"
+            )

@@ -125,6 +125,8 @@ class OptimizerOptions:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> OptimizerOptions:
+        if args.learning_rate is not None and args.learning_rate <= 0:
+            raise ConfigError(f"--learning_rate must be above 0, got {args.learning_rate}")
         optimizer_type = _optimizer_type_from_flags(args)
         spec = NAMED_OPTIMIZERS.get(optimizer_type.lower())
         optimizer_class = resolve_optimizer_class(optimizer_type)
