@@ -15,6 +15,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -32,15 +33,18 @@ from networks.adapters import (
     delta_weight,
     leaf_adapters,
 )
-from networks.network_args import NetworkOptions, last_match
+from networks.dora import DoRAModule
+from networks.network_args import NetworkOptions, last_match, parse_flag
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_ALPHA", "DEFAULT_DIM", "LORA_SUFFIXES", "TEXT_ENCODER_PREFIX", "UNET_PREFIX", "LoRAModule", "LoRANetwork",
     "create_network", "create_network_from_weights", "delta_weight", "load_state_dict_file", "ranks_from_weights",
+    "build_network", "network_from_weights", "group_modules", "modules_in_file", "NetworkCall", "LORA_TYPES",
 ]  # fmt: skip
 LORA_SUFFIXES = tuple(f".{suffix}" for suffix in LoRAModule.key_suffixes)
+LORA_TYPES: tuple[type[Adapter], ...] = (LoRAModule, DoRAModule)  # what networks.lora creates and loads
 
 # Given a target: its (dim, alpha), or None to leave the layer alone.
 RankFn = Callable[[AdapterTarget], "tuple[int, float] | None"]
@@ -62,7 +66,12 @@ class LoRANetwork(nn.Module):
         save_format: str = "kohya",
         reg_lrs: tuple = (),
         adapter_type: type[Adapter] = LoRAModule,
+        adapter_options: dict | None = None,
+        file_modules: dict[str, tuple[type[Adapter], dict[str, torch.Tensor]]] | None = None,
     ) -> None:
+        """`rank_for` gives each target's (dim, alpha) for fresh `adapter_type` adapters (`adapter_options` are
+        the type's own constructor options); with `file_modules` (name -> stored type and tensors) the adapters are
+        shaped like the stored ones instead."""
         super().__init__()
         self.multiplier = multiplier
         self.save_format = save_format
@@ -76,17 +85,23 @@ class LoRANetwork(nn.Module):
         self.unet_loras: list[nn.Module] = []
         extra = (dropout, rank_dropout, module_dropout)
         for target in table.targets:
-            rank = rank_for(target)
-            if rank is None or rank[0] == 0:
-                continue
-            module = _make_adapter(adapter_type, target, rank, multiplier, extra, split_fused)
+            if file_modules is not None:
+                if target.name not in file_modules:
+                    continue
+                stored_type, tensors = file_modules[target.name]
+                module = stored_type.shaped_like(target.name, target.layers, multiplier, tensors, extra)
+            else:
+                rank = rank_for(target)
+                if rank is None or rank[0] == 0:
+                    continue
+                module = _make_adapter(adapter_type, target, rank, multiplier, extra, split_fused, adapter_options)
             group = self.unet_loras if target.encoder is None else self.text_encoder_lora_groups[target.encoder]
             group.append(module)
             self.targets[target.name] = target
         for module in self.text_encoder_loras + self.unet_loras:
             self.add_module(module.lora_name, module)
         if save_format == "diffusers":
-            self._check_diffusers_names()
+            self._check_diffusers_names(adapter_type)
         logger.info(
             f"LoRA network: {len(self.unet_loras)} U-Net modules, {len(self.text_encoder_loras)} text encoder modules."
         )
@@ -175,7 +190,10 @@ class LoRANetwork(nn.Module):
                     start += size
         return state
 
-    def _check_diffusers_names(self) -> None:
+    def _check_diffusers_names(self, adapter_type: type[Adapter]) -> None:
+        if not adapter_type.has_peft_form:
+            raise ConfigError(f"--network_args save_format=diffusers: diffusers has no form of {adapter_type.label} "
+                              "adapters; save in the kohya format (the default), which ComfyUI reads")  # fmt: skip
         unnamed = [name for name, target in self.targets.items() if len(target.diffusers_names) != len(target.layers)]
         if unnamed:
             raise ConfigError(
@@ -250,10 +268,7 @@ class LoRANetwork(nn.Module):
         device: torch.device | str,
     ) -> None:
         """Add the LoRA in `weights_sd` (at this network's multiplier) into the base weights; no hooks are installed."""
-        by_name: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in weights_sd.items():
-            name, _, suffix = key.partition(".")
-            by_name.setdefault(name, {})[suffix] = value
+        by_name = group_modules(weights_sd)
         modules = {module.lora_name: module for module in self.text_encoder_loras + self.unet_loras}
         unknown = sorted(set(by_name) - set(modules))
         if unknown:
@@ -344,13 +359,15 @@ class LoRANetwork(nn.Module):
 
 
 def _make_adapter(adapter_type: type[Adapter], target: AdapterTarget, rank: tuple[int, float], multiplier: float,
-                  extra: tuple, split_fused: bool) -> nn.Module:  # fmt: skip
+                  extra: tuple, split_fused: bool, options: dict | None) -> nn.Module:  # fmt: skip
     dim, alpha = rank
+    options = options or {}
     if split_fused and len(target.layers) > 1:
-        parts = [adapter_type(f"{target.name}_{index}", layer, multiplier, dim, alpha, *extra)
+        parts = [adapter_type(f"{target.name}_{index}", [layer], multiplier, dim, alpha, *extra, **options)
                  for index, layer in enumerate(target.layers)]  # fmt: skip
+        adapter_type.fuse_parts([part.state_dict() for part in parts])  # refuses types without a fused form
         return SplitAdapter(target.name, parts)
-    return adapter_type(target.name, target.layers, multiplier, dim, alpha, *extra)
+    return adapter_type(target.name, target.layers, multiplier, dim, alpha, *extra, **options)
 
 
 def _add_param_groups(
@@ -438,58 +455,106 @@ def create_network(
     adapter_targets: TargetTable | None = None,
     **kwargs: object,
 ) -> LoRANetwork:
-    """Create a fresh LoRA network (plugin entry point); `kwargs` are the `--network_args`."""
-    table = _table(text_encoder, unet, adapter_targets)
-    options = NetworkOptions.parse(kwargs, table.args)
-    dim = int(network_dim) if network_dim is not None else DEFAULT_DIM
-    alpha = float(network_alpha) if network_alpha is not None else DEFAULT_ALPHA
+    """Create a fresh LoRA network (plugin entry point); `kwargs` are the `--network_args` (`use_dora=True`: DoRA)."""
+    adapter_type = DoRAModule if parse_flag(kwargs.get("use_dora", False)) else LoRAModule
+    return build_network(adapter_type, {}, NetworkCall(multiplier, network_dim, network_alpha, text_encoder, unet,
+                                                        neuron_dropout, adapter_targets, kwargs, "networks.lora",
+                                                        ("use_dora",)))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class NetworkCall:
+    """The arguments of a plugin's `create_network`, and which module and type options it serves."""
+
+    multiplier: float
+    network_dim: int | None
+    network_alpha: float | None
+    text_encoder: nn.Module | Sequence[nn.Module] | None
+    unet: nn.Module | None
+    neuron_dropout: float | None
+    adapter_targets: TargetTable | None
+    network_args: dict
+    module: str
+    type_keys: tuple[str, ...] = ()
+
+
+def build_network(adapter_type: type[Adapter], options: dict, call: NetworkCall) -> LoRANetwork:
+    """A fresh network of `adapter_type` adapters (`options`: the type's own constructor options) for every family:
+    what networks.lora, networks.loha and networks.lokr create."""
+    table = _table(call.text_encoder, call.unet, call.adapter_targets)
+    shared = {key: value for key, value in call.network_args.items() if key not in call.type_keys}
+    network_options = NetworkOptions.parse(shared, table.args, call.module, call.type_keys)
+    dim = int(call.network_dim) if call.network_dim is not None else DEFAULT_DIM
+    alpha = float(call.network_alpha) if call.network_alpha is not None else DEFAULT_ALPHA
     if dim < 1:
         raise ConfigError(f"--network_dim must be a positive integer, got {dim}.")
-    if neuron_dropout is not None and not 0.0 <= neuron_dropout < 1.0:
-        raise ConfigError(f"--network_dropout must be in [0, 1), got {neuron_dropout}.")
-    options.check_table(table)
-    conv_alpha = options.conv_alpha if options.conv_alpha is not None else DEFAULT_ALPHA
-    if options.conv_alpha is not None and options.conv_dim is None:
-        logger.warning("--network_args conv_alpha is ignored without conv_dim: 3x3 convolutions get no LoRA.")
+    if call.neuron_dropout is not None and not 0.0 <= call.neuron_dropout < 1.0:
+        raise ConfigError(f"--network_dropout must be in [0, 1), got {call.neuron_dropout}.")
+    network_options.check_table(table)
+    conv_alpha = network_options.conv_alpha if network_options.conv_alpha is not None else DEFAULT_ALPHA
+    if network_options.conv_alpha is not None and network_options.conv_dim is None:
+        logger.warning("--network_args conv_alpha is ignored without conv_dim: 3x3 convolutions get no adapter.")
     logger.info(
-        f"LoRA dim {dim}, alpha {alpha:g}, conv dim {options.conv_dim}, conv alpha {conv_alpha:g}; dropout "
-        f"{neuron_dropout}, rank dropout {options.rank_dropout}, module dropout {options.module_dropout}"
-        + ("; q/k/v split" if options.split_qkv else "")
+        f"{adapter_type.label} dim {dim}, alpha {alpha:g}, conv dim {network_options.conv_dim}, conv alpha "
+        f"{conv_alpha:g}; dropout {call.neuron_dropout}, rank dropout {network_options.rank_dropout}, module dropout "
+        f"{network_options.module_dropout}" + ("; q/k/v split" if network_options.split_qkv else "")
     )
     network = LoRANetwork(
         table,
-        lambda target: options.rank_for(target, table, dim, alpha),
-        multiplier,
-        neuron_dropout,
-        options.rank_dropout,
-        options.module_dropout,
-        split_fused=options.split_qkv,
-        save_format=options.save_format,
-        reg_lrs=options.network_reg_lrs,
+        lambda target: network_options.rank_for(target, table, dim, alpha),
+        call.multiplier,
+        call.neuron_dropout,
+        network_options.rank_dropout,
+        network_options.module_dropout,
+        split_fused=network_options.split_qkv,
+        save_format=network_options.save_format,
+        reg_lrs=network_options.network_reg_lrs,
+        adapter_type=adapter_type,
+        adapter_options=options,
     )
-    network.set_loraplus_lr_ratio(
-        options.loraplus_lr_ratio, options.loraplus_unet_lr_ratio, options.loraplus_text_encoder_lr_ratio
-    )
+    network.set_loraplus_lr_ratio(network_options.loraplus_lr_ratio, network_options.loraplus_unet_lr_ratio,
+                                  network_options.loraplus_text_encoder_lr_ratio)  # fmt: skip
     return network
 
 
-def modules_in_file(weights_sd: dict[str, torch.Tensor]) -> dict[str, tuple[type[Adapter], int, float]]:
-    """(adapter type, dim, alpha) per module name of a kohya-format state dict."""
-    suffixes: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in weights_sd.items():
-        name, _, suffix = key.partition(".")
-        suffixes.setdefault(name, {})[suffix] = value
+def modules_in_file(
+    weights_sd: dict[str, torch.Tensor], types: Sequence[type[Adapter]] = LORA_TYPES
+) -> dict[str, tuple[type[Adapter], int, float]]:
+    """(adapter type, dim, alpha) per module name of a kohya-format state dict; modules of another type than
+    `types` raise CheckpointError naming the network module that loads them."""
     modules = {}
-    for name, tensors in suffixes.items():
-        adapter_type = adapter_type_of(set(tensors))
+    for name, tensors in group_modules(weights_sd).items():
+        adapter_type = adapter_type_of(set(tensors), types)
         if adapter_type is None:
-            other = sorted(f"{name}.{suffix}" for suffix in tensors if f".{suffix}" not in LORA_SUFFIXES)
-            raise CheckpointError(
-                f"Not a plain LoRA file: keys {_first(other)} are not lora_down / lora_up / alpha. "
-                "LyCORIS files (LoHa, LoKr, DoRA ...) need --network_module lycoris.kohya."
-            )
+            raise CheckpointError(_wrong_type_message(name, tensors, types))
+        missing = adapter_type.missing_suffixes(set(tensors))
+        if missing:
+            raise CheckpointError(f"{adapter_type.label} module {name} lacks {', '.join(missing)}; the file is "
+                                  "incomplete")  # fmt: skip
         modules[name] = (adapter_type, *adapter_type.rank_of(tensors))
     return modules
+
+
+def group_modules(weights_sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Tensors of a kohya-format state dict grouped by module name (the key up to its first dot), keyed by suffix."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in weights_sd.items():
+        name, _, suffix = key.partition(".")
+        modules.setdefault(name, {})[suffix] = value
+    return modules
+
+
+def _wrong_type_message(name: str, tensors: dict[str, torch.Tensor], types: Sequence[type[Adapter]]) -> str:
+    from networks.adapter_types import all_adapter_types
+
+    known = {suffix for adapter_type in types for suffix in adapter_type.key_suffixes}
+    other = sorted(f"{name}.{suffix}" for suffix in tensors if suffix not in known)
+    actual = adapter_type_of(set(tensors), all_adapter_types())
+    where = f"they are {actual.label} modules: load them with --network_module {actual.plugin}; other LyCORIS " \
+        "types need" if actual else "LyCORIS files of other types need"  # fmt: skip
+    label = " / ".join(adapter_type.label for adapter_type in types)
+    return (f"Not a plain {types[0].label} file: keys {_first(other)} are not {label} tensors "
+            f"({', '.join(sorted(known))}); {where} --network_module lycoris.kohya.")  # fmt: skip
 
 
 def ranks_from_weights(weights_sd: dict[str, torch.Tensor]) -> dict[str, tuple[int, float]]:
@@ -508,36 +573,48 @@ def create_network_from_weights(
     adapter_targets: TargetTable | None = None,
     **kwargs: object,
 ) -> tuple[LoRANetwork, dict[str, torch.Tensor]]:
-    """Create a network shaped like a saved LoRA (dims and alphas per module); weights are not loaded here.
+    """Create a network shaped like a saved LoRA / DoRA (dims and alphas per module); weights are not loaded here.
 
     Returns the network and the state dict read (load it with `load_weights` or `load_state_dict`, or merge it with
     `merge_to`). Fused modules stay fused. `for_inference` leaves out the training-only dropouts.
     """
-    table = _table(text_encoder, unet, adapter_targets)
-    options = NetworkOptions.parse(kwargs, table.args)
+    call = NetworkCall(multiplier, None, None, text_encoder, unet, None, adapter_targets, kwargs, "networks.lora",
+                       ("use_dora",))  # fmt: skip
+    return network_from_weights(LORA_TYPES, call, file, weights_sd, for_inference)
+
+
+def network_from_weights(
+    types: Sequence[type[Adapter]], call: NetworkCall, file: str | os.PathLike | None,
+    weights_sd: dict[str, torch.Tensor] | None, for_inference: bool,
+) -> tuple[LoRANetwork, dict[str, torch.Tensor]]:  # fmt: skip
+    """A network shaped like the stored modules of `types` (the body of every plugin's create_network_from_weights)."""
+    table = _table(call.text_encoder, call.unet, call.adapter_targets)
+    shared = {key: value for key, value in call.network_args.items() if key not in call.type_keys}
+    options = NetworkOptions.parse(shared, table.args, call.module, call.type_keys)
     if options.conv_dim is not None or options.conv_alpha is not None:
         logger.warning("--network_args conv_dim / conv_alpha are ignored: dims and alphas are read from the weights.")
     if weights_sd is None:
         weights_sd = load_state_dict_file(file)
     if any(".lora_A." in key for key in weights_sd):
-        raise CheckpointError(f"{file or 'LoRA weights'}: diffusers / PEFT names; load them with diffusers, or save "
-                              "with save_format=kohya to continue training")  # fmt: skip
-    ranks = ranks_from_weights(weights_sd)
+        raise CheckpointError(f"{file or 'LoRA weights'}: diffusers / PEFT names; convert them to the kohya format "
+                              "with networks/convert_lora.py, or load them with diffusers")  # fmt: skip
+    stored = modules_in_file(weights_sd, types)
+    groups = group_modules(weights_sd)
     network = LoRANetwork(
         table,
-        lambda target: ranks.get(target.name),
-        multiplier,
+        lambda target: None,
+        call.multiplier,
         rank_dropout=None if for_inference else options.rank_dropout,
         module_dropout=None if for_inference else options.module_dropout,
         reg_lrs=options.network_reg_lrs,
+        file_modules={name: (adapter_type, groups[name]) for name, (adapter_type, _, _) in stored.items()},
     )
-    unmatched = sorted(set(ranks) - set(network.targets))
+    unmatched = sorted(set(stored) - set(network.targets))
     if unmatched:
         raise CheckpointError(
             f"{file or 'LoRA weights'}: {len(unmatched)} modules match no layer of the given models: "
             f"{_first(unmatched)}. Was it trained for another model family, or are text encoders missing?"
         )
-    network.set_loraplus_lr_ratio(
-        options.loraplus_lr_ratio, options.loraplus_unet_lr_ratio, options.loraplus_text_encoder_lr_ratio
-    )
+    network.set_loraplus_lr_ratio(options.loraplus_lr_ratio, options.loraplus_unet_lr_ratio,
+                                  options.loraplus_text_encoder_lr_ratio)  # fmt: skip
     return network, weights_sd

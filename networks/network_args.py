@@ -119,17 +119,20 @@ class NetworkOptions:
 
     @classmethod
     def parse(
-        cls, network_args: dict[str, object], family: TargetArgs, module: str = "networks.lora"
-    ) -> NetworkOptions:
-        """Parse `key=value` network args; unknown keys and bad values raise ConfigError naming them."""
-        known = [*SHARED_KEYS, *(name for name in family.names() if name not in SHARED_KEYS)]
+        cls, network_args: dict[str, object], family: TargetArgs, module: str = "networks.lora",
+        type_keys: tuple[str, ...] = (),
+    ) -> NetworkOptions:  # fmt: skip
+        """Parse `key=value` network args; unknown keys and bad values raise ConfigError naming them. `type_keys` are
+        the adapter type's own keys: known, but parsed by the plugin."""
+        known = [*SHARED_KEYS, *(name for name in family.names() if name not in SHARED_KEYS), *type_keys]
         for key in network_args:
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f" Did you mean '{close[0]}'?" if close else ""
                 raise ConfigError(f"unknown --network_args {key}: '{key}' is not a key {module} knows.{hint} "
                                   f"Known keys: {', '.join(known)}.")  # fmt: skip
-        shared = {key: cls._parse_shared(key, raw) for key, raw in network_args.items() if key in SHARED_KEYS}
+        shared = {key: cls._parse_shared(key, raw) for key, raw in network_args.items()
+                  if key in SHARED_KEYS and key not in type_keys}  # fmt: skip
         options = cls(**shared, **cls._parse_family(network_args, family))
         options.validate()
         given = {key for key in SHARED_KEYS if options._is_set(key)}
