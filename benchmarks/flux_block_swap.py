@@ -34,7 +34,10 @@ def build_transformer(config_name: str):
     from library.checkpoints import flux_configs
     from library.testing import tiny_configs
 
-    config = flux_configs.transformer_config("dev") if config_name == "dev" else tiny_configs.tiny_flux_transformer_config()
+    if config_name == "dev":
+        config = flux_configs.transformer_config("dev")
+    else:
+        config = tiny_configs.tiny_flux_transformer_config()
     with init_empty_weights():
         transformer = FluxTransformer2DModel(**config).to(torch.bfloat16)  # on the meta device: nothing allocated
     transformer.to_empty(device="cpu")  # 24 GB of bf16 for the full-size model
@@ -69,7 +72,8 @@ def measure(swap: int, config_name: str, resolution: int, warmup: int, steps: in
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
     side = resolution // 16  # 8x AE downscaling, then 2x2 packing
     generator = torch.Generator(device).manual_seed(0)
-    tokens = torch.randn(1, side * side, config["in_channels"], generator=generator, device=device, dtype=torch.bfloat16)
+    tokens = torch.randn(1, side * side, config["in_channels"], generator=generator, device=device,
+                         dtype=torch.bfloat16)  # fmt: skip
     text = torch.randn(1, 512, config["joint_attention_dim"], generator=generator, device=device, dtype=torch.bfloat16)
     pooled = torch.randn(1, config["pooled_projection_dim"], generator=generator, device=device, dtype=torch.bfloat16)
     ids = image_position_ids(side, side, device)

@@ -434,14 +434,27 @@ def _table(text_encoder, unet, adapter_targets: TargetTable | None) -> TargetTab
 
 def load_state_dict_file(file: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a .safetensors or torch state dict on the CPU; unreadable files raise CheckpointError."""
-    try:
-        if os.fspath(file).endswith(".safetensors"):
-            from safetensors.torch import load_file
+    import pickle
 
+    if os.fspath(file).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
             return load_file(file)
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as err:
-        raise CheckpointError(f"Cannot read LoRA weights from {file}: {err}") from err
+        except Exception as err:  # safetensors raises its own error types for a damaged or cut-short file
+            raise CheckpointError(f"Cannot read LoRA weights from {file}: damaged or incomplete ({err})") from None
+    try:
+        loaded = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{file} holds Python objects besides tensors, which safe loading refuses (a file from elsewhere could "
+            "run code when loaded); save or convert it as .safetensors"
+        ) from None
+    except (OSError, RuntimeError, ValueError, EOFError) as err:
+        raise CheckpointError(f"Cannot read LoRA weights from {file}: damaged or incomplete ({err})") from None
+    if not isinstance(loaded, dict) or not all(torch.is_tensor(value) for value in loaded.values()):
+        raise CheckpointError(f"{file} is not a LoRA file (a mapping of tensor names to tensors)")
+    return loaded
 
 
 def create_network(
@@ -514,7 +527,21 @@ def build_network(adapter_type: type[Adapter], options: dict, call: NetworkCall)
     )
     network.set_loraplus_lr_ratio(network_options.loraplus_lr_ratio, network_options.loraplus_unet_lr_ratio,
                                   network_options.loraplus_text_encoder_lr_ratio)  # fmt: skip
+    if network_options.verbose:
+        log_ranks(network, table)
     return network
+
+
+def log_ranks(network: LoRANetwork, table: TargetTable) -> None:
+    """`verbose=True`: one line per adapter (name, rank, alpha), then the table's layers that got none."""
+    for module in network.text_encoder_loras + network.unet_loras:
+        rank, alpha = leaf_adapters(module)[0].rank_and_alpha()
+        logger.info("  %-70s rank %d, alpha %g", module.lora_name, rank, alpha)
+    skipped = [target.name for target in table.targets if target.name not in network.targets]
+    if skipped:
+        logger.info("%d layers without an adapter (rank 0, blocks not chosen, or off by default):", len(skipped))
+        for name in skipped:
+            logger.info("  %s", name)
 
 
 def modules_in_file(

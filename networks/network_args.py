@@ -15,7 +15,7 @@ from networks.adapters import DEFAULT_ALPHA
 SAVE_FORMATS = ("kohya", "diffusers")
 SHARED_KEYS = (
     "conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
-    "loraplus_text_encoder_lr_ratio", "network_reg_dims", "network_reg_lrs", "split_qkv", "save_format",
+    "loraplus_text_encoder_lr_ratio", "network_reg_dims", "network_reg_lrs", "split_qkv", "save_format", "verbose",
 )  # fmt: skip
 Rules = tuple[tuple[re.Pattern, float], ...]
 
@@ -111,6 +111,7 @@ class NetworkOptions:
     network_reg_lrs: Rules = ()
     split_qkv: bool = False
     save_format: str = "kohya"
+    verbose: bool = False  # log every adapter's rank and alpha, and the layers left without one
     # family args, resolved: kind -> rank; list arg -> ranks; block list -> chosen indices; args given
     kind_dims: dict[str, int] = field(default_factory=dict)
     list_dims: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -143,7 +144,7 @@ class NetworkOptions:
     def _parse_shared(key: str, raw: object) -> object:
         if key in ("network_reg_dims", "network_reg_lrs"):
             return parse_regex_values(key, raw, int if key.endswith("dims") else float)
-        if key == "split_qkv":
+        if key in ("split_qkv", "verbose"):
             return parse_flag(raw)
         if key == "save_format":
             return text_value(raw).strip().lower()
@@ -226,13 +227,13 @@ class NetworkOptions:
         for arg, kinds in args.enables.items():
             if kind in kinds and arg not in self.given:
                 return None
-        if target.is_spatial_conv:
-            conv_alpha = self.conv_alpha if self.conv_alpha is not None else DEFAULT_ALPHA
-            return (self.conv_dim, conv_alpha) if self.conv_dim else None
-        for arg, kinds in args.list_dims.items():
+        for arg, kinds in args.list_dims.items():  # a family's list ranks even a convolution (SD3's patch embedding)
             if kind in kinds:
                 dims = self.list_dims.get(arg)
                 return None if dims is None else (dims[kinds.index(kind)], alpha)
+        if target.is_spatial_conv:
+            conv_alpha = self.conv_alpha if self.conv_alpha is not None else DEFAULT_ALPHA
+            return (self.conv_dim, conv_alpha) if self.conv_dim else None
         if kind in args.off_kinds:
             return None
         return (self.kind_dims.get(kind, dim), alpha)

@@ -440,3 +440,32 @@ def test_offline_run_without_a_tokenizer_folder_rebuilds_it_quietly_in_the_hub_h
     assert result.returncode == 0, output
     assert "ignoring the tokenizer" not in output
     assert (tmp_path / "hf_home" / "diffusion-trainer" / "clip_tokenizer" / "vocab.json").is_file()
+
+
+@pytest.mark.parametrize("damage", ["cut_short", "pickle_with_objects"])
+def test_unreadable_network_weights_are_refused_before_loading(damage, tiny_models_dir, toy_dataset, tokenizer_dir,
+                                                               tmp_path, caplog):  # fmt: skip
+    import torch
+    from safetensors.torch import save_file
+
+    if damage == "cut_short":
+        path = tmp_path / "lora.safetensors"
+        save_file({"lora_unet_x.lora_down.weight": torch.zeros(4, 64)}, str(path))
+        path.write_bytes(path.read_bytes()[:-100])
+        fragments = ["--network_weights", "cut short"]
+    else:
+        path = tmp_path / "lora.pt"
+        torch.save({"weights": torch.zeros(2), "note": argparse_namespace()}, str(path))
+        fragments = ["--network_weights", "safe loading refuses", ".safetensors"]
+    args = lora_args(tiny_models_dir, toy_dataset, tokenizer_dir, tmp_path / "out", "--network_weights", str(path))
+    status, errors = run_in_process(args, caplog)
+    assert status == 1 and len(errors) == 1, errors
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    assert "weights_only" not in errors[0]
+
+
+def argparse_namespace():
+    import argparse
+
+    return argparse.Namespace(anything=1)  # an object a weights-only load refuses

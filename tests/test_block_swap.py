@@ -24,7 +24,6 @@ from library.training.block_swap import (
 )
 from networks import lora_flux
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only wait
 
 

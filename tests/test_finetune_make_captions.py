@@ -11,7 +11,6 @@ from finetune import make_captions
 from library.errors import CheckpointError, ConfigError
 from tests.finetune_models import BLIP_WORDS, write_broken_image, write_solid_images, write_tiny_blip
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only wait
 
 

@@ -14,7 +14,6 @@ from finetune import prepare_buckets_latents as tool
 from library.errors import CheckpointError, ConfigError, DatasetError
 from tests.finetune_models import write_broken_image
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only wait
 
 

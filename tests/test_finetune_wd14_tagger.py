@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from finetune import tag_images_by_wd14_tagger as tagger_tool
 from finetune.wd14_tags import TagOptions, TagTable, append_to_existing, select_tags

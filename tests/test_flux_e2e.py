@@ -17,7 +17,6 @@ from networks import lora_flux
 from tests.conftest import run_cli
 from tests.test_train_network_e2e import epoch_losses
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only wait
 
 

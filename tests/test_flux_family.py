@@ -14,7 +14,6 @@ from library.methods.network import NetworkMethod
 from library.training.entry import build_parser
 from library.training.noise import NoiseOptions
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only wait
 
 

@@ -10,7 +10,6 @@ from safetensors.torch import load_file, save_file
 from library.checkpoints import flux_configs, flux_files, flux_keys
 from library.errors import CheckpointError
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only wait
 
 

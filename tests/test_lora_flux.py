@@ -14,7 +14,6 @@ from library.families.flux import image_position_ids, pack_latents
 from library.testing import tiny_configs
 from networks import lora_flux
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only wait
 
 

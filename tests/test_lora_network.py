@@ -332,3 +332,12 @@ def test_lycoris_kohya_network_follows_the_same_plugin_calls() -> None:
     assert all(set(group) == {"params", "lr"} for group in groups)
     assert all(isinstance(param, torch.nn.Parameter) for group in groups for param in group["params"])
     assert len(torch.optim.AdamW(groups).param_groups) == 2
+
+
+def test_verbose_logs_every_adapter_rank_and_the_layers_left_out(caplog) -> None:
+    text_encoder, unet = tiny_models()
+    with caplog.at_level("INFO", logger="networks.lora"):
+        network = lora.create_network(1.0, 4, 2, None, text_encoder, unet, verbose="True")
+    lines = [record.getMessage() for record in caplog.records]
+    assert sum("rank 4, alpha 2" in line for line in lines) == len(network.all_loras())
+    assert any("layers without an adapter" in line for line in lines)  # the ResNet blocks, without conv_dim

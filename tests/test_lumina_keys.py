@@ -13,7 +13,6 @@ from library.checkpoints.gemma_tokenizer import load_gemma_tokenizer
 from library.errors import CheckpointError
 from library.testing import tiny_configs, tiny_lumina
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only wait
 
 

@@ -143,6 +143,8 @@ def test_sd3_network_args_change_exactly_the_modules_they_name(loaded):
         "lora_unet_final_layer_linear",
     }  # fmt: skip
     assert ranks["lora_unet_t_embedder_mlp_0"] == 2 and ranks["lora_unet_final_layer_linear"] == 6
+    ranks = network_ranks(family, models, "emb_dims=[0,0,4,0,0,0]")  # the patch embedding, a convolution
+    assert changed(base, ranks) == {"lora_unet_x_embedder_proj"} and ranks["lora_unet_x_embedder_proj"] == 4
     ranks = network_ranks(family, models, "train_block_indices=0,2")
     assert changed(base, ranks) == {name for name in blocks if name.startswith("lora_unet_joint_blocks_1_")}
     assert network_ranks(family, models, "train_block_indices=none").keys() == {n for n in base if "_te" in n[:8]}

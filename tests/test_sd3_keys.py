@@ -11,7 +11,6 @@ from library.checkpoints import flux_keys, sd3_configs, sd3_files, sd3_keys
 from library.errors import CheckpointError
 from library.testing import tiny_configs
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only wait
 
 

@@ -16,7 +16,6 @@ from library.training.validation import VALIDATION_TIMESTEPS, ValidationOptions,
 from tests.dataset_helpers import all_batches, group_of, one_dataset, subset_lines, write_config, write_images
 from tests.test_sampling import training_runs
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only wait
 
 

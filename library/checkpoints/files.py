@@ -72,6 +72,49 @@ def _load_pickle(path: str, allow_pickle: bool) -> dict[str, torch.Tensor]:
     return {key: value for key, value in loaded.items() if isinstance(value, torch.Tensor)}
 
 
+def check_weights_file(path: str, option: str) -> None:
+    """A weights file given by `option` can be read safely: a .safetensors header that parses and a file as long as
+    the header says, or a pickle of tensors only. Else CheckpointError, before any model loads."""
+    if path.lower().endswith(SAFETENSORS_EXTENSIONS):
+        try:
+            end = _safetensors_data_end(path)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{option} {path} is not a readable safetensors file ({err})") from None
+        if os.path.getsize(path) < end:
+            raise CheckpointError(
+                f"{option} {path} is cut short: {os.path.getsize(path)} of its {end} bytes (an interrupted copy or "
+                "download?)"
+            )
+        try:
+            with safe_open(path, framework="pt", device="cpu") as handle:
+                list(handle.keys())
+        except Exception as err:  # safetensors raises its own error types for a damaged header
+            raise CheckpointError(f"{option} {path} is damaged ({err})") from None
+        return
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{option} {path} holds Python objects besides tensors, which safe loading refuses (a file from "
+            "elsewhere could run code when loaded); save or convert it as .safetensors"
+        ) from None
+    except (OSError, RuntimeError, ValueError, EOFError) as err:
+        raise CheckpointError(f"{option} {path} is damaged or incomplete ({err})") from None
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{option} {path} holds no tensors by name (found {type(loaded).__name__})")
+
+
+def _safetensors_data_end(path: str) -> int:
+    """The byte length a safetensors file must have: 8 + header + the end of its last tensor."""
+    import struct
+
+    with open(path, "rb") as handle:
+        (header_size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(header_size))
+    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    return 8 + header_size + max(ends, default=0)
+
+
 def safetensors_keys(path: str) -> list[str]:
     """The tensor names of a safetensors file, read from its header (no tensor is loaded)."""
     with safe_open(path, framework="pt", device="cpu") as handle:

@@ -51,7 +51,6 @@ LUMINA_TARGET_ARGS = TargetArgs(
                "attn_dim": ("attn", "refiner_attn")},
     list_dims={"embedder_dims": EMBEDDERS},
     block_indices={"train_block_indices": "layers"},
-    enables={"verbose": ()},  # accepted for the reference's commands; selects no module
 )  # fmt: skip
 SD_ONLY_OPTIONS = ("v2", "v_parameterization", "clip_skip")
 SAMPLE_SIZE_MULTIPLE = 16  # Lumina2Pipeline draws only sides divisible by 16 (8x AE, 2x2 patches)

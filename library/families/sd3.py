@@ -55,7 +55,7 @@ SD3_TARGET_ARGS = TargetArgs(
     },  # fmt: skip
     list_dims={"emb_dims": EMB_KINDS},
     block_indices={"train_block_indices": "joint_blocks"},
-    enables={"train_t5xxl": ("t5",), "verbose": ()},  # verbose selects nothing: networks.lora_sd3 lists the ranks
+    enables={"train_t5xxl": ("t5",)},
 )
 BLOCK_PART_KINDS = {"attn": "attn", "attn2": "attn", "mlp": "mlp", "adaLN_modulation": "mod"}
 COMPONENT_WORDS = {"vae": "a VAE", "clip": "a CLIP text encoder", "t5xxl": "a T5 text encoder",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from library.atomic import atomic_path
+from library.checkpoints.files import check_weights_file
 from library.errors import ConfigError, MissingPackageError
 from library.families.base import LoadedModels, ModelFamily
 from library.methods.base import MethodOptions, TrainingMethod
@@ -98,6 +99,8 @@ class NetworkMethod(TrainingMethod):
             raise ConfigError(f"--network_dim must be 1 or more, got {args.network_dim}")
         if args.network_weights is not None and not os.path.isfile(args.network_weights):
             raise ConfigError(f"--network_weights: file not found: {args.network_weights}")
+        if args.network_weights is not None:
+            check_weights_file(args.network_weights, "--network_weights")
         self.module = self._import_module(args.network_module)
 
     @staticmethod

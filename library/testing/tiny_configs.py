@@ -171,9 +171,8 @@ def tiny_sdxl_vae_config() -> dict:
 def tiny_sdxl_text_encoder_configs() -> tuple[dict, dict]:
     """(CLIP ViT-L-like encoder 1, OpenCLIP bigG-like encoder 2 with a 40-wide projection)."""
     clip_l = tiny_text_encoder_config(v2=False)
-    big_g = dict(
-        tiny_text_encoder_config(v2=True), hidden_size=48, intermediate_size=96, projection_dim=40, num_attention_heads=1
-    )
+    big_g = dict(tiny_text_encoder_config(v2=True), hidden_size=48, intermediate_size=96, projection_dim=40,
+                 num_attention_heads=1)  # fmt: skip
     return clip_l, big_g
 
 
