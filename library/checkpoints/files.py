@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import struct
 
 import torch
 from safetensors import safe_open
@@ -42,12 +43,45 @@ def load_state_dict(path: str, allow_pickle: bool = False) -> dict[str, torch.Te
     )
 
 
+# safetensors dtype names -> torch dtypes
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
 def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, read into memory of its own (not mapped from the file).
+
+    A mapped file stays resident as a whole while any tensor of it lives; loaders that convert tensors one by one
+    (library/checkpoints/weights.py) free each read tensor as soon as its converted copy exists, which lowers the
+    load's peak by about the file's size.
+    """
     try:
-        with safe_open(path, framework="pt", device="cpu") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as err:  # safetensors raises several private error types for a damaged header
+        with open(path, "rb") as file:
+            (header_size,) = struct.unpack("<Q", file.read(8))
+            header = json.loads(file.read(header_size))
+            start = 8 + header_size
+            tensors = {}
+            for name, entry in header.items():
+                if name != "__metadata__":
+                    tensors[name] = _read_tensor(file, start, entry)
+            return tensors
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
         raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
+
+
+def _read_tensor(file, data_start: int, entry: dict) -> torch.Tensor:
+    begin, end = entry["data_offsets"]
+    dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"]
+    if end == begin:
+        return torch.empty(shape, dtype=dtype)
+    buffer = bytearray(end - begin)
+    file.seek(data_start + begin)
+    if file.readinto(buffer) != len(buffer):
+        raise ValueError(f"the file ends inside tensor data (needs {end - begin} bytes at {data_start + begin})")
+    return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
 def _load_pickle(path: str, allow_pickle: bool) -> dict[str, torch.Tensor]:

@@ -20,18 +20,51 @@ def empty_model(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
 def assign_weights(
     model: torch.nn.Module, state_dict: dict, dtype: torch.dtype, what: str, source: str
 ) -> torch.nn.Module:
-    """Load `state_dict` into a model built by `empty_model`; floating tensors (fp8 included) are cast to `dtype`.
+    """Give a model built by `empty_model` the tensors of `state_dict`; floating ones (fp8 included) are cast to
+    `dtype`. Every parameter must be given and every tensor used: otherwise CheckpointError names `what` and `source`.
 
-    Every parameter must be given and every tensor used: otherwise CheckpointError names `what` and `source`.
+    The dict is consumed one tensor at a time, so a file's tensors are freed as their converted copies arrive: the
+    peak is about the model in `dtype`, not the file plus the model.
     """
-    converted = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state_dict.items()}
-    result = model.load_state_dict(converted, strict=False, assign=True)
-    if result.missing_keys or result.unexpected_keys:
+    slots = _tensor_slots(model)
+    missing = sorted(set(slots) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(slots))
+    if missing or unexpected:
         raise CheckpointError(
-            f"{source}: the {what} weights do not fit the model: missing {_first(result.missing_keys)}, "
-            f"unexpected {_first(result.unexpected_keys)}"
+            f"{source}: the {what} weights do not fit the model: missing {_first(missing)}, "
+            f"unexpected {_first(unexpected)}"
         )
+    for key in list(state_dict):
+        module, name, is_parameter = slots[key]
+        tensor = state_dict.pop(key)
+        current = module._parameters[name] if is_parameter else module._buffers[name]
+        if tuple(tensor.shape) != tuple(current.shape):
+            raise CheckpointError(
+                f"{source}: the {what} tensor {key} has shape {tuple(tensor.shape)}, the model needs "
+                f"{tuple(current.shape)}; the file belongs to another architecture"
+            )
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        if is_parameter:
+            module._parameters[name] = torch.nn.Parameter(tensor, requires_grad=current.requires_grad)
+        else:
+            module._buffers[name] = tensor
+        del tensor
     return model
+
+
+def _tensor_slots(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, str, bool]]:
+    """State-dict key -> (module, attribute name, is a parameter) for every persistent tensor of `model`."""
+    slots = {}
+    for prefix, module in model.named_modules():
+        dotted = f"{prefix}." if prefix else ""
+        for name, param in module._parameters.items():
+            if param is not None:
+                slots[dotted + name] = (module, name, True)
+        for name, buffer in module._buffers.items():
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                slots[dotted + name] = (module, name, False)
+    return slots
 
 
 def _first(keys: list[str], count: int = 8) -> str:
