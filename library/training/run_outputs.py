@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from library.errors import DiskFullError
 from library.training import metadata as md
+from library.training.ema import ema_metadata, result_variants
 from library.training.evaluation import evaluation_weights
 from library.training.saving import remove_path, step_saves
 from library.training.state import Position, save_state
@@ -28,8 +29,9 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 MIB = 2**20
 
 
-def save_result(run: Run, name: str, final: bool = False) -> str | None:
-    """Write the trained result as `<output_dir>/<name><ext>` with the evaluation weights; returns where it went.
+def save_result(run: Run, name: str, final: bool = False, metadata: dict[str, str] | None = None) -> str | None:
+    """Write the trained result as `<output_dir>/<name><ext>` with the evaluation weights (and `metadata` added to
+    the run's); returns where it went.
 
     Out of space: a step or epoch save is skipped with an error line (training goes on, the previous saves stay);
     the final save goes to the first other folder with room, or raises DiskFullError naming what is needed.
@@ -41,7 +43,7 @@ def save_result(run: Run, name: str, final: bool = False) -> str | None:
         runner.synchronize()  # swapped weights reach their host copies before they are read
     if not accelerator.is_main_process:
         return path
-    metadata = dict(run.base_metadata)
+    metadata = {**run.base_metadata, **(metadata or {})}
     metadata.update(
         {"ss_epoch": str(state.epoch), "ss_steps": str(state.global_step), "ss_training_finished_at": str(time.time())}
     )
@@ -59,8 +61,13 @@ def save_result(run: Run, name: str, final: bool = False) -> str | None:
 
 
 def _write_result(run: Run, path: str, metadata: dict[str, str]) -> None:
-    with evaluation_weights(run):  # what is saved is what samples and validation see
-        run.method.save(path, metadata, run.accelerator.unwrap_model)
+    """The result, and with --save_both the EMA weights beside it (library/training/ema.py)."""
+    for target, purpose in result_variants(run.ema, run.options.saving.output_name, path):
+        with evaluation_weights(run, purpose):  # validation measures what is saved (trained or EMA weights)
+            run.method.save(target, {**metadata, **ema_metadata(run.ema, purpose)}, run.accelerator.unwrap_model)
+        if target != path:
+            logger.info("saved %s (EMA weights)", target)
+            run.uploader.upload_result(target)
 
 
 def _write_elsewhere(run: Run, path: str, metadata: dict[str, str], final: bool) -> str | None:
@@ -121,7 +128,7 @@ def save_run_state(run: Run, name: str) -> str | None:
     position = Position(state.global_step, state.epoch, state.step_in_epoch, run.options.loop.seed,
                         run.schedule.steps_per_epoch, family=run.family.id, method=run.method.name)  # fmt: skip
     try:
-        save_state(run.accelerator, folder, position, run.generator)
+        save_state(run.accelerator, folder, position, run.generator, run.state_parts)
     except OSError as err:
         if err.errno not in NO_SPACE:
             raise
@@ -138,9 +145,10 @@ def remove_old_step_saves(run: Run) -> None:
     limit = saving.stale_steps(run.state.global_step)
     if not limit or not run.accelerator.is_main_process:
         return
-    for step, path in step_saves(saving.output_dir, saving.output_name):
-        if step <= limit:
-            remove_path(path)
+    for output_name, _ in result_variants(run.ema, saving.output_name, saving.output_name):  # with EMA copies
+        for step, path in step_saves(saving.output_dir, output_name):
+            if step <= limit:
+                remove_path(path)
 
 
 def remove_stale_epoch_save(run: Run, epoch: int) -> None:
@@ -148,7 +156,9 @@ def remove_stale_epoch_save(run: Run, epoch: int) -> None:
     saving = run.options.saving
     stale = saving.stale_epoch(epoch)
     if stale is not None and run.accelerator.is_main_process:
-        remove_path(os.path.join(saving.output_dir, saving.epoch_name(stale) + run.method.output_extension()))
+        result = os.path.join(saving.output_dir, saving.epoch_name(stale) + run.method.output_extension())
+        for path, _ in result_variants(run.ema, saving.output_name, result):  # with its EMA copy
+            remove_path(path)
         remove_path(os.path.join(saving.output_dir, saving.epoch_name(stale) + "-state"))
 
 

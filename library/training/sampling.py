@@ -396,7 +396,7 @@ def _draw_on_main(run: Run, epoch: int | None) -> list[str]:
     timestamp = time.strftime("%Y%m%d%H%M%S")
     started = time.perf_counter()
     device = run.accelerator.device
-    with evaluation_weights(run), preserved_rng(device), placed_on(models.vae, device), torch.no_grad():
+    with evaluation_weights(run, "samples"), preserved_rng(device), placed_on(models.vae, device), torch.no_grad():
         pipeline = family.make_pipeline(models, family.sample_scheduler(options.sampler))
         pipeline.set_progress_bar_config(disable=True)
         paths = [

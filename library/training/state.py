@@ -1,9 +1,10 @@
 """Training state folders: everything needed to continue a run exactly where it stopped.
 
 A state folder holds accelerate's state (trainable weights, optimizer, LR scheduler, grad scaler, RNG states),
-the noise generator and `train_state.json` (step, epoch, position inside the epoch, seed). It is written into a
-temporary folder that is renamed only when complete, and `train_state.json` is written last, so a process killed
-during a save never leaves a folder that looks like a valid state.
+the noise generator, the run's own parts (the EMA with --ema, the best-checkpoint tracking) and `train_state.json`
+(step, epoch, position inside the epoch, seed). It is written into a temporary folder that is renamed only when
+complete, and `train_state.json` is written last, so a process killed during a save never leaves a folder that looks
+like a valid state.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from typing import Protocol
 
 import torch
 
@@ -42,7 +45,20 @@ class Position:
     files: dict[str, int] | None = None  # every other file of the folder with its size, checked before resuming
 
 
-def save_state(accelerator, folder: str, position: Position, generator: torch.Generator) -> None:
+class StatePart(Protocol):
+    """A part of the run that a state folder holds beside accelerate's state (the EMA, the best-checkpoint tracking),
+    in files of its own, so that a state saved with or without it still resumes."""
+
+    def save_to(self, folder: str) -> None:
+        """Write the part's files into `folder` (inside the state's atomic write)."""
+
+    def load_from(self, folder: str, global_step: int) -> None:
+        """Restore the part from a state folder (after the weights); say so when the folder lacks it."""
+
+
+def save_state(
+    accelerator, folder: str, position: Position, generator: torch.Generator, parts: Sequence[StatePart] = ()
+) -> None:
     """Write a complete state folder atomically (all processes call this; the main process writes)."""
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
@@ -51,6 +67,8 @@ def save_state(accelerator, folder: str, position: Position, generator: torch.Ge
     with atomic_path(folder, suffix="") as temp:
         accelerator.save_state(temp)
         torch.save(generator.get_state(), os.path.join(temp, GENERATOR_FILE))
+        for part in parts:
+            part.save_to(temp)
         position = replace(position, files=_file_sizes(temp))
         with open(os.path.join(temp, STATE_FILE), "w", encoding="utf-8") as handle:
             json.dump(asdict(position), handle, indent=1)
@@ -121,8 +139,8 @@ def check_origin(folder: str, position: Position, family: str, method: str) -> N
         )
 
 
-def load_state(accelerator, folder: str, generator: torch.Generator) -> Position:
-    """Restore weights, optimizer, scheduler, RNG and noise generator from a state folder."""
+def load_state(accelerator, folder: str, generator: torch.Generator, parts: Sequence[StatePart] = ()) -> Position:
+    """Restore weights, optimizer, scheduler, RNG, noise generator and the run's other `parts` from a state folder."""
     position = read_position(folder)
     try:
         accelerator.load_state(folder)
@@ -133,6 +151,8 @@ def load_state(accelerator, folder: str, generator: torch.Generator) -> Position
             f"--resume: {folder} does not fit this run ({detail}); resume with the options of the run that saved it "
             "(the same --network_dim, --network_args, model and script)"
         ) from None
+    for part in parts:
+        part.load_from(folder, position.global_step)
     logger.info(
         "resumed from %s: step %d, epoch %d, %d batches into the epoch",
         folder,

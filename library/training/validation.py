@@ -142,7 +142,7 @@ def run_validation(run: Run) -> dict[str, float]:
     accelerator.wait_for_everyone()
     losses: dict[str, float] = {}
     if accelerator.is_main_process:
-        with evaluation_weights(run):
+        with evaluation_weights(run, "validation"):
             losses = validation_losses(run.family, run.models, run.dataset.validation, accelerator.device,
                                        accelerator.autocast, run.method)  # fmt: skip
         _log(run, losses)
