@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from library.errors import ConfigError, MissingPackageError
+from library.errors import ConfigError
 from library.families.sd import SDFamily
 from library.methods.network import NetworkMethod
 from library.testing.toy_data import write_toy_dataset
@@ -70,11 +70,14 @@ def test_cache_with_color_aug_is_refused_before_any_model_loads(lora_argv, monke
 
 
 @pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed")
-def test_xformers_without_the_package_names_it():
-    with pytest.raises(MissingPackageError, match=r"--xformers needs the xformers package \(pip install xformers"):
-        MemoryOptions.from_args(
+def test_xformers_without_the_package_falls_back_to_sdpa_with_a_warning(caplog):
+    """The guides' commands carry --xformers; without the optional package they run on PyTorch's SDPA."""
+    with caplog.at_level(logging.WARNING):
+        options = MemoryOptions.from_args(
             parse(["--pretrained_model_name_or_path", "m", "--output_dir", "o", "--xformers"]), "no"
         )
+    assert options.attention == "sdpa"
+    assert "xformers package is not installed (pip install xformers" in caplog.text
 
 
 def test_lowram_is_accepted_and_explained(caplog):
@@ -124,3 +127,25 @@ def test_full_bf16_trains_and_saves_bfloat16_weights(lora_argv, tmp_path):
     assert {value.dtype for value in weights.values()} == {torch.bfloat16}
     ups = [value for key, value in weights.items() if key.endswith("lora_up.weight")]
     assert all(torch.isfinite(value.float()).all() for value in ups) and any(value.abs().max() > 0 for value in ups)
+
+
+def test_vae_weights_leave_memory_once_every_latent_is_cached(lora_argv, caplog, monkeypatch):
+    from library.training import trainer
+
+    seen = {}
+    original = trainer._free_unused_vae
+
+    def free_and_look(options, method, models):
+        original(options, method, models)
+        seen["device"] = next(models.vae.parameters()).device.type
+
+    monkeypatch.setattr(trainer, "_free_unused_vae", free_and_look)
+    argv = lora_argv("--cache_latents", "--network_train_unet_only")
+    argv[argv.index("--max_train_steps") + 1] = "2"
+    with caplog.at_level(logging.INFO):
+        train_in_process(argv)
+    assert seen["device"] == "meta" and "VAE weights freed" in caplog.text
+    with caplog.at_level(logging.INFO):
+        caplog.clear()
+        train_in_process(lora_argv("--network_train_unet_only", "--max_train_steps", "1"))  # latents not cached
+    assert seen["device"] == "cpu" and "VAE weights freed" not in caplog.text
