@@ -16,17 +16,8 @@ setup(
     package_data={"finetune": ["clean_rules.toml"]},
     python_requires=">=3.10",
     install_requires=requirements,
+    # everything the guides' commands use is in requirements.txt; these are the truly optional extras
     extras_require={
-        "lycoris": ["lycoris-lora==4.1.3", "einops==0.8.2"],
-        "bitsandbytes": ["bitsandbytes==0.50.2"],
-        "optimizers": [
-            "bitsandbytes==0.50.2",
-            "lion-pytorch==0.2.5",
-            "prodigyopt==1.1.2",
-            "schedulefree==1.4.1",
-            "dadaptation==3.2",
-        ],
-        "wd14": ["onnxruntime==1.31.1"],
         "xformers": ["xformers"],
         "wandb": ["wandb"],
     },

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max_data_loader_n_workers", type=int, default=None, help="processes that load images (default: none)"
     )
-    parser.add_argument("--seed", type=int, default=42, help="random seed of the sampling (default 42)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="random seed of the sampling; without it each run samples differently (the seed used is logged)",
+    )
     parser.add_argument("--recursive", action="store_true", help="also caption images in subfolders")
     parser.add_argument("--debug", action="store_true", help="print each caption with its image")
     return parser
@@ -186,7 +192,10 @@ def main(argv: list[str] | None = None) -> None:
     captioner = load_captioner(args.caption_weights)
     import torch
 
-    torch.manual_seed(args.seed)
+    seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
+    torch.manual_seed(seed)
+    if not options.beam_search:
+        logger.info("sampling with seed %d%s", seed, "" if args.seed is not None else " (pass --seed to repeat it)")
     skipped = caption_images(paths, captioner, CaptionRun.from_args(args), options)
     logger.info("captioned %d of %d images", len(paths) - len(skipped.entries), len(paths))
     skipped.report()

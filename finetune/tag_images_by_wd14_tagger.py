@@ -185,14 +185,21 @@ class Tagger:
         return output
 
 
-def load_tagger(model_path: str, tags_path: str) -> Tagger:
-    """Open the ONNX model (on the GPU when onnxruntime has one) and read its tag list."""
+def import_onnxruntime():
+    """onnxruntime, or MissingPackageError; called before the model is downloaded, so a missing package costs no
+    download."""
     try:
         import onnxruntime
     except ImportError:
         raise MissingPackageError(
             f"tagging needs onnxruntime: pip install {ONNXRUNTIME_PIN} (or onnxruntime-gpu for CUDA)."
         ) from None
+    return onnxruntime
+
+
+def load_tagger(model_path: str, tags_path: str) -> Tagger:
+    """Open the ONNX model (on the GPU when onnxruntime has one) and read its tag list."""
+    onnxruntime = import_onnxruntime()
     table = read_tag_table(tags_path)
     wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
     providers = [name for name in wanted if name in onnxruntime.get_available_providers()]
@@ -264,6 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     """Parse the command line, load the tagger, tag the folder."""
     args = build_parser().parse_args(argv)
     run = tagger_run(args)
+    import_onnxruntime()
     paths = list_images(args.train_data_dir, args.recursive)
     check_unique_stems(paths)
     tagger = load_tagger(*model_files(args.model_dir, args.repo_id, args.force_download))

@@ -195,6 +195,12 @@ class LoRANetwork(nn.Module):
             raise ConfigError(f"--network_args save_format=diffusers: diffusers has no form of {adapter_type.label} "
                               "adapters; save in the kohya format (the default), which ComfyUI reads")  # fmt: skip
         unnamed = [name for name, target in self.targets.items() if len(target.diffusers_names) != len(target.layers)]
+        if any(self.targets[name].kind == "t5" for name in unnamed):
+            raise ConfigError(
+                "--network_args save_format=diffusers with train_t5xxl: neither diffusers nor ComfyUI read T5-XXL "
+                "adapters under diffusers names; save in the kohya format (the default), whose lora_te3_ keys "
+                "ComfyUI loads"
+            )
         if unnamed:
             raise ConfigError(
                 f"--network_args save_format=diffusers: no diffusers names are known for {_first(unnamed)}; save in "

@@ -123,3 +123,15 @@ def read_calls(root: str) -> list[dict]:
         return []
     with open(path, encoding="utf-8") as handle:
         return [json.loads(line) for line in handle]
+
+
+def write_cached_repo(cache_root: str, repo_id: str, source_folder: str, revision: str = "0" * 40) -> str:
+    """Lay `source_folder` out in a Hugging Face hub cache (`HF_HUB_CACHE`) as the snapshot of `repo_id`'s main
+    branch, as a download would have left it (plain files instead of blob links); returns the snapshot folder."""
+    repo = os.path.join(cache_root, "models--" + repo_id.replace("/", "--"))
+    snapshot = os.path.join(repo, "snapshots", revision)
+    shutil.copytree(source_folder, snapshot, dirs_exist_ok=True)
+    os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
+    with open(os.path.join(repo, "refs", "main"), "w", encoding="utf-8") as handle:
+        handle.write(revision)
+    return snapshot

@@ -285,8 +285,9 @@ def test_dataset_arguments_defaults_and_build(tmp_path):
     parser = argparse.ArgumentParser()
     add_dataset_arguments(parser)
     args = parser.parse_args(["--dataset_config", str(path)])
+    # None: min(8, CPU threads - 1) when the loader is made (library.data.dataset.default_loader_workers)
     assert (args.max_data_loader_n_workers, args.persistent_data_loader_workers, args.debug_dataset) == (
-        8,
+        None,
         False,
         False,
     )

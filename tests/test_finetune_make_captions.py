@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -55,6 +56,20 @@ def test_same_seed_gives_same_captions(blip_dir, folder):
     assert captions(folder, ".txt") == first
     make_captions.main([*arguments, "--seed", "4"])
     assert captions(folder, ".txt") != first
+
+
+def test_without_seed_each_run_samples_differently_and_logs_its_seed(blip_dir, folder, caplog, monkeypatch):
+    arguments = [folder, "--caption_weights", blip_dir, "--max_length", "6", "--caption_extension", ".txt"]
+    caplog.set_level(logging.INFO)
+    seeds = iter([11, 12])
+    monkeypatch.setattr(make_captions.random, "randint", lambda low, high: next(seeds))
+    make_captions.main(arguments)
+    first = captions(folder, ".txt")
+    make_captions.main(arguments)
+    assert captions(folder, ".txt") != first
+    assert "sampling with seed 11 (pass --seed to repeat it)" in caplog.text and "seed 12" in caplog.text
+    make_captions.main([*arguments, "--seed", "11"])  # the logged seed repeats the first run
+    assert captions(folder, ".txt") == first
 
 
 def test_beam_search_is_deterministic_and_drops_the_prompt(blip_dir):

@@ -29,7 +29,8 @@ FLUX_CASES = {
     "default": {},
     "t5-indims-split": {"train_t5xxl": "True", "in_dims": "[2,2,2,2,2]", "img_attn_dim": "8",
                         "train_single_block_indices": "0-1", "split_qkv": "True"},
-    "diffusers": {"save_format": "diffusers", "train_t5xxl": "True"},
+    # issue 16: CLIP names keep `text_model.` (ComfyUI reads only those); T5 has no diffusers names (refused)
+    "diffusers": {"save_format": "diffusers"},
 }  # fmt: skip
 
 

@@ -244,6 +244,7 @@ def fake_run(family, models, tmp_path, prompts: list[SamplePrompt], trainable: l
         accelerator=accelerator,
         options=options,
         state=SimpleNamespace(global_step=12),
+        ema=None,
     )
 
 

@@ -194,15 +194,22 @@ def with_text_model_level(encoder: nn.Module) -> nn.Module:
 def clip_targets(
     encoder: nn.Module, prefix: str, index: int, diffusers_prefix: str | None = None
 ) -> list[AdapterTarget]:
-    """The attention and MLP Linears of a CLIP text encoder, named with the `text_model` level of original files."""
+    """The attention and MLP Linears of a CLIP text encoder, named with the `text_model` level of original files.
+
+    Their diffusers / PEFT names keep the level too (`text_encoder.text_model.encoder.layers...`): ComfyUI reads
+    only those, and diffusers removes the level itself when its transformers lacks it.
+    """
     real = encoder.text_model if isinstance(encoder, TextModelLevel) else encoder
     level = "" if hasattr(real, "text_model") else "text_model."  # transformers >= 5.6 dropped the level
+    if diffusers_prefix is not None and level:
+        diffusers_prefix = f"{diffusers_prefix}.{level.rstrip('.')}"
     return encoder_linear_targets(real, prefix, index, CLIP_BLOCKS, "clip", level, diffusers_prefix, real)
 
 
-def t5_targets(encoder: nn.Module, prefix: str, index: int, diffusers_prefix: str | None = None) -> list[AdapterTarget]:
-    """The attention and feed-forward Linears of a T5 encoder (kind `t5`)."""
-    return encoder_linear_targets(encoder, prefix, index, T5_BLOCKS, "t5", "", diffusers_prefix)
+def t5_targets(encoder: nn.Module, prefix: str, index: int) -> list[AdapterTarget]:
+    """The attention and feed-forward Linears of a T5 encoder (kind `t5`). They get no diffusers names: neither
+    diffusers' FLUX / SD3 LoRA loaders nor ComfyUI read T5 adapters under them (ComfyUI reads `lora_te3_...`)."""
+    return encoder_linear_targets(encoder, prefix, index, T5_BLOCKS, "t5", "")
 
 
 def _out_features(layer: nn.Module) -> int:

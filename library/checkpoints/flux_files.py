@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from library.checkpoints import flux_configs, flux_keys, sd_keys
+from library.checkpoints.diffusers_folders import keep_text_model_level
 from library.checkpoints.files import load_state_dict, save_state_dict
 from library.checkpoints.weights import assign_weights, empty_model
 from library.errors import CheckpointError
@@ -163,3 +164,4 @@ def save_diffusers_folder(models: dict, tokenizers: list, path: str, safe: bool)
     )
     with atomic_path(path, suffix="") as temp:
         pipeline.save_pretrained(temp, safe_serialization=safe)
+        keep_text_model_level(temp)  # readable by transformers < 5.6 too

@@ -11,6 +11,7 @@ import os
 
 from library.atomic import atomic_path
 from library.checkpoints import lumina_configs
+from library.checkpoints.hub_models import hub_offline
 from library.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -66,8 +67,9 @@ def _from_folder(folder: str):
 
 
 def _from_hub_cache():
+    """From the hub cache; online, downloaded into it first (a few small files)."""
     for repo, subfolder in HUB_SOURCES:
-        kwargs = {"local_files_only": True} | ({"subfolder": subfolder} if subfolder else {})
+        kwargs = {"local_files_only": hub_offline()} | ({"subfolder": subfolder} if subfolder else {})
         tokenizer = _load(repo, **kwargs)
         if tokenizer is not None and problem(tokenizer, lumina_configs.GEMMA2_VOCAB_SIZE) is None:
             return tokenizer
@@ -89,8 +91,9 @@ def load_gemma_tokenizer(path: str | None = None, model_dir: str | None = None, 
     if tokenizer is None:
         tokenizer = _from_hub_cache()
         if tokenizer is None:
+            where = "offline" if hub_offline() else "locally or on the hub"
             raise CheckpointError(
-                "no Gemma tokenizer found offline: give --gemma2_tokenizer <folder with tokenizer.json>, a diffusers "
+                f"no Gemma tokenizer found {where}: give --gemma2_tokenizer <folder with tokenizer.json>, a diffusers "
                 f"Lumina 2 folder (its tokenizer/), or --tokenizer_cache_dir with a {CACHE_SUBFOLDER}/ subfolder; a "
                 f"tokenizer of {lumina_configs.GEMMA2_REPO} or {lumina_configs.LUMINA_REPO} in the Hugging Face "
                 "cache is used too"

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from library.checkpoints import sd3_configs, sd3_keys, sd_keys
+from library.checkpoints.diffusers_folders import keep_text_model_level
 from library.checkpoints.files import load_state_dict, save_state_dict
 from library.checkpoints.t5_tokenizer import T5_FILES, load_t5_tokenizer
 from library.checkpoints.tokenizers import load_clip_tokenizer
@@ -316,3 +317,4 @@ def save_diffusers_folder(models: SD3Models, tokenizers: list, path: str, safe: 
 
     with atomic_path(path, suffix="") as temp:
         build_pipeline(models, tokenizers).save_pretrained(temp, safe_serialization=safe)
+        keep_text_model_level(temp)  # readable by transformers < 5.6 too

@@ -12,6 +12,7 @@ import torch
 
 from library.atomic import atomic_path
 from library.checkpoints import sd_configs, sd_keys, sdxl_keys
+from library.checkpoints.diffusers_folders import keep_text_model_level
 from library.checkpoints.files import save_state_dict
 from library.checkpoints.sd_save import DIFFUSERS_FORMATS, LDM_IMPLEMENTATION, SAVE_FORMATS, SINGLE_FILE_FORMATS
 from library.errors import ConfigError
@@ -82,3 +83,4 @@ def save_diffusers_folder(models: LoadedModels, path: str, v_parameterization: b
     )
     with atomic_path(path, suffix="") as temp:
         pipeline.save_pretrained(temp, safe_serialization=safe_serialization)
+        keep_text_model_level(temp)  # readable by transformers < 5.6 too

@@ -1,6 +1,6 @@
-"""The T5 tokenizer of FLUX.1 / SD3, found offline: a given folder, a diffusers model folder, a cache folder, or the
-hub cache. A folder needs `tokenizer.json` (what diffusers folders ship), or `spiece.model` with the sentencepiece
-package installed to convert it.
+"""The T5 tokenizer of FLUX.1 / SD3: a given folder, a diffusers model folder, a cache folder, or the hub cache
+(downloaded into it only when online). A folder needs `tokenizer.json` (what diffusers folders ship), or
+`spiece.model` with the sentencepiece package installed to convert it.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 
+from library.checkpoints.hub_models import hub_offline
 from library.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -58,13 +59,18 @@ def load_t5_tokenizer(path: str | None = None, model_dir: str | None = None, cac
                     "sentencepiece package (pip install sentencepiece==0.2.3), or add its tokenizer.json"
                 )
             return tokenizer
-    tokenizer = _load(T5_TOKENIZER_REPO, local_files_only=True)
+    offline = hub_offline()
+    if not offline:  # a few small files, fetched once into the hub cache, as the reference trainer does
+        logger.info("no local T5 tokenizer: loading %s's from the Hugging Face hub (cached after the first run)",
+                    T5_TOKENIZER_REPO)  # fmt: skip
+    tokenizer = _load(T5_TOKENIZER_REPO, local_files_only=offline)
     if tokenizer is not None and len(tokenizer) < T5_VOCAB_SIZE:
-        logger.debug("ignoring the %d-token tokenizer the offline hub lookup returned", len(tokenizer))
+        logger.debug("ignoring the %d-token tokenizer the hub lookup returned", len(tokenizer))
         tokenizer = None
     if tokenizer is None:
+        where = "offline" if offline else "locally or on the hub"
         raise CheckpointError(
-            "no T5 tokenizer found offline: give --t5xxl_tokenizer <folder with tokenizer.json>, a diffusers FLUX "
+            f"no T5 tokenizer found {where}: give --t5xxl_tokenizer <folder with tokenizer.json>, a diffusers FLUX "
             f"folder (its tokenizer_2/), or --tokenizer_cache_dir with a {CACHE_SUBFOLDER}/ subfolder; a tokenizer of "
             f"{T5_TOKENIZER_REPO} in the Hugging Face cache is used too"
         )

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 _SEED_MASK = (1 << 64) - 1  # numpy seed sequences take non-negative integers
 SAMPLE_CAPTIONS = 3  # processed captions per dataset shown by the summary
+DEFAULT_MAX_WORKERS = 8
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +43,9 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max_data_loader_n_workers",
         type=int,
-        default=8,
-        help="most data loader worker processes (fewer if the machine has fewer CPUs; 0 loads in the main process)",
+        default=None,
+        help="most data loader worker processes (default: min(8, CPU threads - 1); fewer if the machine has fewer "
+        "CPUs; 0 loads in the main process)",
     )
     parser.add_argument(
         "--persistent_data_loader_workers",
@@ -51,7 +53,10 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep data loader workers alive between epochs (faster epoch starts, more memory)",
     )
     parser.add_argument(
-        "--debug_dataset", action="store_true", help="print the dataset summary with sample captions and exit"
+        "--debug_dataset",
+        action="store_true",
+        help="print the dataset summary, write the first batches (images with captions and bucket sizes) into "
+        "<output_dir>/debug_dataset/, and exit without loading a model",
     )
     parser.add_argument(
         "--max_image_pixels",
@@ -76,6 +81,11 @@ def build_dataset_group(
     if source.debug_dataset:
         print(format_summary(group.summary(sample_captions=True)))  # --debug_dataset: the summary is the product
     return group
+
+
+def default_loader_workers(cpu_threads: int) -> int:
+    """The documented default of --max_data_loader_n_workers: min(8, CPU threads - 1)."""
+    return max(0, min(DEFAULT_MAX_WORKERS, cpu_threads - 1))
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -225,13 +235,17 @@ class DatasetGroup(Dataset):
     def _sample_rng(self, dataset_index: int, sample_id: int) -> np.random.Generator:
         return np.random.default_rng((self.seed, self._epoch & _SEED_MASK, dataset_index, sample_id))
 
-    def make_dataloader(self, num_workers: int, persistent: bool) -> DataLoader:
+    def make_dataloader(self, num_workers: int | None, persistent: bool) -> DataLoader:
         """A loader yielding the batches of the current epoch in order (the order itself is already shuffled).
 
+        `num_workers` None: min(8, CPU threads - 1), leaving one thread to the training process.
         The loader has `set_epoch(epoch)`. With several processes the group already yields only this process's
         share, so the loader must not be sharded again (see docs/dataset_config.md, "Several processes").
         """
         cpus = os.cpu_count() or 1
+        if num_workers is None:
+            num_workers = default_loader_workers(cpus)
+            logger.info("%d data loader workers (min(8, CPU threads - 1); --max_data_loader_n_workers)", num_workers)
         workers = min(num_workers, cpus)
         if workers < num_workers:
             logger.info(

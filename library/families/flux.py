@@ -401,7 +401,7 @@ class FluxFamily(ModelFamily):
         if text_encoders:
             targets += clip_targets(text_encoders[0], "lora_te1", 0, "text_encoder")
         if len(text_encoders) > 1:
-            targets += t5_targets(text_encoders[1], "lora_te3", 1, "text_encoder_2")
+            targets += t5_targets(text_encoders[1], "lora_te3", 1)
         if denoiser is not None:
             targets += transformer_targets(denoiser)
         return TargetTable(targets, len(text_encoders), FLUX_TARGET_ARGS)

@@ -24,6 +24,7 @@ from library.adapters.targets import (
 from library.checkpoints import sd_keys
 from library.checkpoints.family_check import refuse_other_family, refuse_other_family_folder
 from library.checkpoints.files import load_state_dict
+from library.checkpoints.hub_models import check_hub_model, hub_offline, hub_vae_subfolder, is_hub_id
 from library.checkpoints.sd_configs import ddpm_scheduler as make_noise_scheduler
 from library.checkpoints.tokenizers import load_clip_tokenizer
 from library.checkpoints.weights import assign_weights, empty_model
@@ -93,7 +94,11 @@ def add_shared_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="caption length in tokens (default 75); 150 and 225 encode the caption in 75-token chunks",
     )
     parser.add_argument(
-        "--vae", type=str, default=None, help="replace the base model's VAE: a VAE file or diffusers VAE folder"
+        "--vae",
+        type=str,
+        default=None,
+        help="replace the base model's VAE: a VAE file, a diffusers VAE folder, or a Hugging Face model id "
+        "(e.g. stabilityai/sd-vae-ft-mse; read from the hub cache, downloaded only when online)",
     )
     parser.add_argument(
         "--tokenizer_cache_dir",
@@ -114,11 +119,17 @@ def refuse_other_families(model: str, own: tuple[str, ...], method) -> None:
 
 
 def check_model_paths(model: str, vae: str | None) -> None:
-    """A checkpoint file or --vae that does not exist is reported before anything loads."""
+    """A checkpoint file or --vae that does not exist, or a hub model id that cannot be had offline, is reported
+    before anything loads."""
     looks_like_file = os.path.splitext(model)[1].lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
     if looks_like_file and not os.path.isfile(model):
         raise CheckpointError(f"--pretrained_model_name_or_path: file not found: {model}")
-    if vae is not None and not os.path.exists(vae):
+    if is_hub_id(model):
+        hint = "a local checkpoint file or diffusers model folder"
+        check_hub_model(model, "--pretrained_model_name_or_path", ("unet/config.json",), hint)
+    if vae is not None and is_hub_id(vae):
+        check_hub_model(vae, "--vae", ("config.json", "vae/config.json"), "a local VAE file or folder")
+    elif vae is not None and not os.path.exists(vae):
         raise CheckpointError(f"--vae: file or folder not found: {vae}")
 
 
@@ -220,9 +231,7 @@ class SDFamily(ModelFamily):
         text_state = sd_keys.text_encoder_to_model_keys(components.text_encoder, text_encoder)
         assign_weights(text_encoder, text_state, weight_dtype, "text encoder", path)
         tokenizer = load_clip_tokenizer(arch.v2, cache_dir=self.options.tokenizer_cache_dir)
-        # Tensors read from a .safetensors file are views of one mapping of the whole file; keeping even these
-        # few small buffers as views would keep every page of the file resident for the whole run (+2 GB RSS).
-        extras = {key: value.clone() for key, value in components.extras.items()}
+        extras = dict(components.extras)
         return LoadedModels(unet, vae, [text_encoder], [tokenizer], extras={"ldm_extras": extras})
 
     def _check_model_type(self, path: str, model_type: str) -> None:
@@ -249,7 +258,7 @@ class SDFamily(ModelFamily):
                 f"{path} is a folder but not a diffusers model (no unet/config.json); give a diffusers model folder "
                 "or a single checkpoint file"
             )
-        kwargs = {"torch_dtype": weight_dtype, "local_files_only": local}
+        kwargs = {"torch_dtype": weight_dtype, "local_files_only": local or hub_offline()}  # hub ids: cache first
         try:
             unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs)
             vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs)
@@ -271,6 +280,12 @@ class SDFamily(ModelFamily):
         if os.path.isdir(path):
             subfolder = "vae" if os.path.isdir(os.path.join(path, "vae")) else None
             return AutoencoderKL.from_pretrained(path, subfolder=subfolder, torch_dtype=weight_dtype)
+        if is_hub_id(path):  # from the hub cache; downloaded into it when online
+            vae = AutoencoderKL.from_pretrained(
+                path, subfolder=hub_vae_subfolder(path), torch_dtype=weight_dtype, local_files_only=hub_offline()
+            )
+            logger.info("VAE replaced by %s (Hugging Face model)", path)
+            return vae
         state_dict = load_state_dict(path, allow_pickle=self.options.allow_pickle)
         vae_config, vae_state = sd_keys.split_ldm_vae(state_dict, path)
         vae = empty_model(lambda: AutoencoderKL(**vae_config))

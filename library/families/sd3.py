@@ -426,7 +426,7 @@ class SD3Family(ModelFamily):
         for index, encoder in enumerate(text_encoders[:2]):
             targets += clip_targets(encoder, f"lora_te{index + 1}", index, ("text_encoder", "text_encoder_2")[index])
         if len(text_encoders) > 2:
-            targets += t5_targets(text_encoders[2], "lora_te3", 2, "text_encoder_3")
+            targets += t5_targets(text_encoders[2], "lora_te3", 2)
         if denoiser is not None:
             targets += transformer_targets(denoiser)
         return TargetTable(targets, len(text_encoders), SD3_TARGET_ARGS)

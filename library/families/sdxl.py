@@ -19,6 +19,7 @@ import torch
 from library.adapters.targets import with_text_model_level
 from library.checkpoints import sd_keys, sdxl_keys
 from library.checkpoints.files import load_state_dict
+from library.checkpoints.hub_models import hub_offline
 from library.checkpoints.tokenizers import load_clip_tokenizer
 from library.checkpoints.weights import assign_weights, empty_model
 from library.errors import CheckpointError, ConfigError
@@ -33,6 +34,7 @@ from library.families.sd import (
     refuse_other_families,
 )
 from library.families.sdxl_view import sgm_unet_view
+from library.text.weighted_captions import add_weighted_caption_arguments, apply_token_weights
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ class SDXLOptions(SDOptions):
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SDXLOptions:
-        base = SDOptions.from_args(args)
+        base = dataclasses.replace(SDOptions.from_args(args), v2=False, clip_skip=None)
         return cls(
             **{field.name: getattr(base, field.name) for field in dataclasses.fields(SDOptions)},
             no_half_vae=args.no_half_vae,
@@ -87,8 +89,16 @@ class SDXLFamily(SDFamily):
     text_cache_suffix = "_sdxl_te.safetensors"
 
     def __init__(self, args: argparse.Namespace):
-        super().__init__(args)  # SD's objective and tokenizer settings; the parser fixes --v2 / --clip_skip off
+        super().__init__(args)  # SD's objective and tokenizer settings
         self.options = SDXLOptions.from_args(args)
+        self.is_v2 = False
+        for option, given in (("--v2", args.v2), ("--clip_skip", args.clip_skip is not None)):
+            if given:
+                logger.warning(
+                    "%s does not apply to SDXL and is ignored: SDXL conditions on the penultimate layer of its two "
+                    "fixed text encoders (CLIP ViT-L and OpenCLIP ViT-bigG)",
+                    option,
+                )
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -108,8 +118,16 @@ class SDXLFamily(SDFamily):
             action="store_true",
             help="keep the VAE in float32 under --mixed_precision fp16/bf16 (the SDXL VAE overflows in fp16)",
         )
-        # SD's options that SDXL fixes: the text encoders are set, captions are padded and unweighted
-        parser.set_defaults(v2=False, clip_skip=None, no_token_padding=False, weighted_captions=False)
+        add_weighted_caption_arguments(parser)
+        # accepted so that commands copied from SD 1.x / 2.x runs work; SDXL's encoders and layers are fixed
+        parser.add_argument("--v2", action="store_true", help="ignored with a warning: SDXL is not SD 2.x")
+        parser.add_argument(
+            "--clip_skip",
+            type=int,
+            default=None,
+            help="ignored with a warning: SDXL always conditions on the penultimate layer of both text encoders",
+        )
+        parser.set_defaults(no_token_padding=False)  # SD's option that SDXL fixes: captions are padded
 
     @classmethod
     def add_method_arguments(cls, method: str, parser: argparse.ArgumentParser) -> None:
@@ -193,8 +211,7 @@ class SDXLFamily(SDFamily):
         text2 = empty_model(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**arch.text_config2)))
         assign_weights(text2, parts.text_encoder2, weight_dtype, "text encoder 2", path)
         tokenizers = self._tokenizers(None)
-        # copies, not views: a view into the memory-mapped file would keep all of its pages resident for the run
-        extras = {key: value.clone() for key, value in parts.extras.items()}
+        extras = dict(parts.extras)
         return LoadedModels(unet, vae, [text1, text2], tokenizers, extras={"sgm_extras": extras})
 
     def _load_diffusers(self, path: str, weight_dtype: torch.dtype, vae_dtype: torch.dtype) -> LoadedModels:
@@ -207,7 +224,7 @@ class SDXLFamily(SDFamily):
                 f"{path} is a folder but not a diffusers model (no unet/config.json); give a diffusers model folder "
                 "or a single checkpoint file"
             )
-        kwargs = {"torch_dtype": weight_dtype, "local_files_only": local}
+        kwargs = {"torch_dtype": weight_dtype, "local_files_only": local or hub_offline()}  # hub ids: cache first
         try:
             unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs)
             if unet.config.addition_embed_type != "text_time":
@@ -242,14 +259,24 @@ class SDXLFamily(SDFamily):
     def encode_text(self, models: LoadedModels, captions: list[str]) -> dict[str, torch.Tensor]:
         """(B, 77 or 2 + chunks*75, D1 + D2) hidden states and encoder 2's pooled projection (B, P)."""
         encoder1, encoder2 = models.text_encoders
-        ids1 = self.tokenize(models.tokenizers[0], captions).to(encoder1.device)  # (B, chunks*77)
-        ids2 = self.tokenize(models.tokenizers[1], captions).to(encoder2.device)
+        weights = None
+        if self.weighted_captions:  # the same token weights for both encoders (their tokenizers split alike)
+            ids1, weights = self.tokenize_weighted(models.tokenizers[0], captions)
+            ids2, _ = self.tokenize_weighted(models.tokenizers[1], captions)
+        else:
+            ids1 = self.tokenize(models.tokenizers[0], captions)  # (B, chunks*77)
+            ids2 = self.tokenize(models.tokenizers[1], captions)
+        ids1, ids2 = ids1.to(encoder1.device), ids2.to(encoder2.device)
         batch, chunks = ids1.shape[0], ids1.shape[1] // (TOKENS_PER_CHUNK + 2)
         output1 = encoder1(ids1.reshape(batch * chunks, -1), output_hidden_states=True)
         output2 = encoder2(ids2.reshape(batch * chunks, -1), output_hidden_states=True)
         # The penultimate layer of each encoder, without its final layer norm, as SDXL was trained.
         hidden1 = merge_chunk_states(output1.hidden_states[-2].reshape(batch, chunks, TOKENS_PER_CHUNK + 2, -1))
         hidden2 = merge_chunk_states(output2.hidden_states[-2].reshape(batch, chunks, TOKENS_PER_CHUNK + 2, -1))
+        if weights is not None:
+            merged = merge_chunk_states(weights.view(batch, chunks, TOKENS_PER_CHUNK + 2, 1)).squeeze(-1)  # (B, T)
+            hidden1 = apply_token_weights(hidden1, merged.to(hidden1.device))
+            hidden2 = apply_token_weights(hidden2, merged.to(hidden2.device))
         # Longer captions: the pooled output of the first chunk (kohya's choice), not a mix of chunks.
         pooled = output2.text_embeds.reshape(batch, chunks, -1)[:, 0]
         return {
@@ -305,7 +332,7 @@ class SDXLFamily(SDFamily):
         }
 
     def text_encoding_settings(self) -> tuple:
-        return (self.options.max_token_length,)
+        return (self.options.max_token_length,) + (("weighted_captions",) if self.weighted_captions else ())
 
     # ---- adapter networks and learning rates ---------------------------------------------------------------
 

@@ -9,6 +9,7 @@ METHODS: dict[str, str] = {
     "dreambooth": "library.methods.finetune:DreamBoothMethod",
     "finetune": "library.methods.finetune:FineTuneMethod",
     "textual_inversion": "library.methods.textual_inversion:TextualInversionMethod",
+    "textual_inversion_xti": "library.methods.textual_inversion_xti:XTIMethod",
 }
 
 

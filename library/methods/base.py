@@ -59,6 +59,9 @@ class TrainingMethod(ABC):
     def trainable_modules(self) -> list[torch.nn.Module]:
         """Modules whose parameters train (handed to accelerate)."""
 
+    def check_dataset(self, family: ModelFamily, dataset) -> None:
+        """Checks of the method against the scanned datasets (before any model loads); warnings only by default."""
+
     def on_epoch_start(self, models: LoadedModels) -> None:
         """Hook at the start of every epoch."""
 
@@ -71,6 +74,13 @@ class TrainingMethod(ABC):
         Random choices draw from `rng` when given (validation), else from the method's own generator.
         """
         return captions
+
+    def encode_conditioning(
+        self, family: ModelFamily, models: LoadedModels, captions: list[str], batch: dict
+    ) -> dict[str, torch.Tensor]:
+        """The conditioning of a batch's (prepared) captions; the family's, unless the method conditions otherwise
+        (XTI encodes the captions once per UNet cross-attention layer)."""
+        return family.encode_conditioning(models, captions, batch)
 
     @abstractmethod
     def output_extension(self) -> str:

@@ -92,6 +92,32 @@ class FineTuneMethod(TrainingMethod):
         if self.options.diffusers_xformers:
             logger.info("--diffusers_xformers: nothing to switch; attention runs on PyTorch's efficient kernels")
 
+    def check_dataset(self, family: ModelFamily, dataset) -> None:
+        """fine_tune.py is documented for metadata datasets and train_db.py for DreamBooth folders; the other kind
+        works, but say so, and say what will train."""
+        if family.id != "sd":  # the SDXL / SD3 / FLUX / Lumina trainers document both kinds of dataset
+            return
+        subsets = [subset for group in dataset.datasets for subset in group.subsets]
+        other = [subset for subset in subsets if subset.is_finetune != (self.name == "finetune")]
+        if not other:
+            return
+        script, kind = ("fine_tune.py", "DreamBooth folders") if self.name == "finetune" else (
+            "train_db.py", "fine-tuning metadata (--in_json / metadata_file)")
+        documented = "fine-tuning metadata" if self.name == "finetune" else "DreamBooth folders"
+        logger.warning(
+            "%s is documented for %s, and %d subset(s) here are %s; they train all the same, with their captions: "
+            "%s",
+            script, documented, len(other), kind, self._what_trains(),
+        )  # fmt: skip
+
+    def _what_trains(self) -> str:
+        steps = self.text_encoder_steps()
+        if steps == 0:
+            return "the U-Net in full, the text encoder frozen (--train_text_encoder trains it too)"
+        if steps is None:
+            return "the U-Net and the text encoder in full"
+        return f"the U-Net in full, the text encoder for the first {steps} steps (--stop_text_encoder_training)"
+
     @property
     def trains_text_encoder(self) -> bool:
         return self.text_encoder_active

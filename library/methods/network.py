@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import logging
@@ -52,6 +53,7 @@ class NetworkMethod(TrainingMethod):
 
     def __init__(self, args: argparse.Namespace):
         super().__init__(args)
+        self._imply_unet_only(args)
         self.network_kwargs = parse_key_values(self.options.network_args or [], "--network_args")
         self.network = None
         self.module = None
@@ -102,6 +104,21 @@ class NetworkMethod(TrainingMethod):
         if args.network_weights is not None:
             check_weights_file(args.network_weights, "--network_weights")
         self.module = self._import_module(args.network_module)
+
+    def _imply_unet_only(self, args: argparse.Namespace) -> None:
+        """Cached text-encoder outputs cannot train a text-encoder LoRA. The guides' SDXL command caches them without
+        --network_train_unet_only (which their option list calls required), so it is implied, and said."""
+        caching = getattr(args, "cache_text_encoder_outputs", False) or getattr(
+            args, "cache_text_encoder_outputs_to_disk", False
+        )
+        options = self.options
+        if not caching or options.network_train_unet_only or options.network_train_text_encoder_only:
+            return
+        self.options = dataclasses.replace(options, network_train_unet_only=True)
+        logger.warning(
+            "--cache_text_encoder_outputs fixes the text encoders' outputs, so only the denoiser's LoRA trains (as "
+            "with --network_train_unet_only, implied here); the text-encoder learning rates are not used"
+        )
 
     @staticmethod
     def _import_module(name: str):

@@ -135,6 +135,7 @@ class TextualInversionMethod(TrainingMethod):
         self.start_vectors: torch.Tensor | None = None
         self.rng = random.Random(0)
         self.warned_missing_token = False
+        self.weighted_captions = getattr(args, "weighted_captions", False)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -174,17 +175,30 @@ class TextualInversionMethod(TrainingMethod):
             raise ConfigError(f"--num_vectors_per_token must be 1 or more, got {args.num_vectors_per_token}")
         if args.use_object_template and args.use_style_template:
             raise ConfigError("--use_object_template and --use_style_template exclude each other; choose one")
+        if self.weighted_captions:
+            raise ConfigError(
+                "--weighted_captions does not work with textual inversion: the learned token's vectors stand in the "
+                "caption as plain tokens; remove --weighted_captions (or the brackets from the captions)"
+            )
         if args.init_word is not None and not args.init_word.strip():
             raise ConfigError("--init_word is empty; give a word whose meaning is close to what you teach")
         if args.weights is not None:
             if not os.path.isfile(args.weights):
                 raise ConfigError(f"--weights: file not found: {args.weights}")
-            self.start_vectors = read_embedding(args.weights)
-            if self.start_vectors.ndim != 2 or self.start_vectors.shape[0] != args.num_vectors_per_token:
+            self.start_vectors = self.read_start_vectors(args.weights)
+            vectors = self.start_vectors
+            if vectors.ndim != self.vector_dims or vectors.shape[-2] != args.num_vectors_per_token:
                 raise ConfigError(
                     f"--weights {args.weights} holds {tuple(self.start_vectors.shape)} vectors but "
                     f"--num_vectors_per_token is {args.num_vectors_per_token}; make them match"
                 )
+
+    vector_dims = 2  # the start vectors of --weights: (vectors per token, width)
+
+    @staticmethod
+    def read_start_vectors(path: str) -> torch.Tensor:
+        """The vectors of a --weights file."""
+        return read_embedding(path)
 
     @property
     def trains_text_encoder(self) -> bool:

@@ -11,6 +11,8 @@ import torch
 
 ROUND_FACTOR = 1.1  # `(text)`
 SQUARE_FACTOR = 1 / 1.1  # `[text]`
+# The mean-preserving rescale is skipped for a sample whose mean is below this fraction of its mean magnitude.
+MEAN_RESCALE_FLOOR = 1e-3
 ESCAPABLE = "()[]\\"
 # `:1.23)` closes the innermost round bracket with an explicit weight (no spaces, as in the web UI).
 EXPLICIT_WEIGHT = re.compile(r":([+-]?(?:\d+(?:\.\d*)?|\.\d+))\)")
@@ -107,7 +109,15 @@ def apply_token_weights(hidden_states: torch.Tensor, weights: torch.Tensor) -> t
     """Scale each token's hidden state (B, T, D) by its weight (B, T), then rescale every sample so the mean
     over tokens and features is what it was before weighting (the web UI's rule, so emphasis shifts the balance
     between tokens without changing the overall magnitude the denoiser was trained on)."""
-    original_mean = hidden_states.float().mean(dim=(1, 2), keepdim=True)  # (B, 1, 1)
-    weighted = hidden_states.float() * weights.to(hidden_states.device, torch.float32).unsqueeze(-1)
-    weighted = weighted * (original_mean / weighted.mean(dim=(1, 2), keepdim=True))
-    return weighted.to(hidden_states.dtype)
+    hidden = hidden_states.float()
+    weights = weights.to(hidden.device, torch.float32)
+    original_mean = hidden.mean(dim=(1, 2), keepdim=True)  # (B, 1, 1)
+    weighted = hidden * weights.unsqueeze(-1)
+    weighted_mean = weighted.mean(dim=(1, 2), keepdim=True)
+    # A sample without emphasis keeps its states exactly; a mean near zero (hidden states centred on 0, as in small
+    # or fresh models) has no magnitude to restore, and dividing by it would give inf / NaN: leave those unscaled.
+    tiny = hidden.abs().mean(dim=(1, 2), keepdim=True) * MEAN_RESCALE_FLOOR
+    unweighted = (weights == 1).all(dim=1).view(-1, 1, 1)
+    usable = ~unweighted & (weighted_mean.abs() > tiny) & (original_mean.abs() > tiny)
+    scale = torch.where(usable, original_mean / torch.where(usable, weighted_mean, 1.0), 1.0)
+    return (weighted * scale).to(hidden_states.dtype)

@@ -10,6 +10,7 @@ import sys
 
 from library.errors import UserError
 from library.training.interrupts import TrainingInterrupted
+from library.training.loop_options import resolve_mixed_precision
 from library.training.metadata import SecretFilter, secret_values
 
 logger = logging.getLogger("library")
@@ -21,8 +22,10 @@ def build_parser(family_class, method_class, description: str) -> argparse.Argum
     from library.data.dataset import add_dataset_arguments
     from library.data.latent_cache import add_latent_cache_arguments
     from library.data.text_cache import add_text_cache_arguments
+    from library.training.best_checkpoint import add_best_checkpoint_arguments
     from library.training.block_swap import add_offload_arguments
     from library.training.config_file import add_config_file_arguments
+    from library.training.ema import add_ema_arguments
     from library.training.fused_optimizers import add_fused_arguments
     from library.training.hub import add_hub_arguments
     from library.training.loop_options import add_loop_arguments
@@ -56,7 +59,10 @@ def build_parser(family_class, method_class, description: str) -> argparse.Argum
     add_saving_arguments(parser.add_argument_group("saving and resuming"))
     add_tracking_arguments(parser.add_argument_group("logging"))
     add_sampling_arguments(parser.add_argument_group("sample images"))
-    add_validation_arguments(parser.add_argument_group("validation"))
+    validation_group = parser.add_argument_group("validation")
+    add_validation_arguments(validation_group)
+    add_best_checkpoint_arguments(validation_group)
+    add_ema_arguments(parser.add_argument_group("EMA of the trained weights"))
     add_checkpoint_arguments(parser.add_argument_group("checkpoint files"))
     add_hub_arguments(parser.add_argument_group("hugging face hub"))
     add_config_file_arguments(parser.add_argument_group("config file"))
@@ -115,6 +121,7 @@ def run_training(family_id: str, method_id: str, description: str, argv: list[st
         if args.output_config:
             write_config_file(parser, args)
             return
+        resolve_mixed_precision(args)  # before the family reads it: accelerate launch's precision when not given
         from library.training.trainer import train
 
         train(family_class(args), method_class(args), args)

@@ -42,7 +42,10 @@ def encode_batch(
         latents = family.scale_latents(models, raw.to(device))
     captions = batch["captions"] if method is None else method.prepare_captions(batch["captions"], caption_rng)
     with nullcontext() if method is not None and method.trains_text_encoder else torch.no_grad():
-        conditioning = family.encode_conditioning(models, captions, batch)
+        if method is None:
+            conditioning = family.encode_conditioning(models, captions, batch)
+        else:
+            conditioning = method.encode_conditioning(family, models, captions, batch)
     return EncodedBatch(latents, conditioning)
 
 

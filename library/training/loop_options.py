@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from dataclasses import dataclass
 
 from library.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 PRECISIONS = ("no", "fp16", "bf16")
 
@@ -23,7 +26,12 @@ def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, recorded)")
     parser.add_argument(
-        "--mixed_precision", type=str, default="no", choices=PRECISIONS, help="compute precision of the frozen parts"
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=PRECISIONS,
+        help="compute precision of the frozen parts (default: what accelerate was launched with, from `accelerate "
+        "launch --mixed_precision` or the accelerate config; else no)",
     )
     parser.add_argument(
         "--gradient_checkpointing", action="store_true", help="recompute activations in backward to save memory"
@@ -45,6 +53,24 @@ def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
         help="CPU threads per process when training on the CPU (default: all cores shared among the processes; "
         "accelerate's own default of one thread is overridden)",
     )
+
+
+def resolve_mixed_precision(args: argparse.Namespace) -> str:
+    """--mixed_precision, or when it is not given, the precision accelerate was launched with (`accelerate launch
+    --mixed_precision bf16` and the accelerate config reach the script as ACCELERATE_MIXED_PRECISION); "no" when
+    neither says. Sets args.mixed_precision and logs the precision in use; call once, right after parsing."""
+    given = getattr(args, "mixed_precision", None)
+    source = "--mixed_precision"
+    if given is None:
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
+        if launched in PRECISIONS:
+            given, source = launched, "accelerate launch / accelerate config"
+        else:
+            given, source = "no", "default"
+    args.mixed_precision = given
+    names = {"no": "float32 (no mixed precision)", "fp16": "fp16 mixed precision", "bf16": "bf16 mixed precision"}
+    logger.info("computing in %s (from %s)", names[given], source)
+    return given
 
 
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -72,7 +98,7 @@ class LoopOptions:
             max_train_steps=args.max_train_steps,
             max_train_epochs=args.max_train_epochs,
             seed=args.seed,
-            mixed_precision=args.mixed_precision,
+            mixed_precision=args.mixed_precision or resolve_mixed_precision(args),
             gradient_checkpointing=args.gradient_checkpointing,
             cpu_threads=args.cpu_threads,
             gradient_accumulation_steps=getattr(args, "gradient_accumulation_steps", 1),

@@ -4,6 +4,7 @@ signal-to-noise ratio (min-SNR-gamma, v-prediction scaling, debiased estimation)
 from __future__ import annotations
 
 import argparse
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -11,6 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from library.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
@@ -51,8 +54,8 @@ def add_loss_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--masked_loss",
         action="store_true",
-        help="train only where the mask is set (conditioning images or alpha channel); the loss of each sample "
-        "is averaged over its mask",
+        help="accepted for compatibility: the masks a subset provides (alpha_mask, conditioning_data_dir) always "
+        "apply; the loss of each sample is averaged over its mask",
     )
     parser.add_argument(
         "--loss_type", type=str, default="l2", choices=LOSS_TYPES, help="element loss (default l2, squared error)"
@@ -149,6 +152,21 @@ class LossOptions:
                 "--debiased_estimation_loss and --huber_schedule snr need a DDPM noise schedule, which this model "
                 "family does not use (choose --huber_schedule constant or exponential for huber losses)"
             )
+
+
+def report_masks(options: LossOptions, has_masks: bool) -> None:
+    """Say once whether loss masks are in use: they apply whenever a subset provides them (alpha_mask = true or
+    conditioning_data_dir), as the masked-loss guide describes, with or without --masked_loss."""
+    if has_masks:
+        logger.info(
+            "loss masks in use: the subsets with alpha_mask or conditioning_data_dir train only where their mask is "
+            "set (images of other subsets count whole)"
+        )
+    elif options.masked_loss:
+        logger.warning(
+            "--masked_loss: no subset provides masks (alpha_mask = true or conditioning_data_dir), so every image "
+            "is trained whole"
+        )
 
 
 def snr(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:

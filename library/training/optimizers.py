@@ -360,7 +360,9 @@ def build_optimizer(options: OptimizerOptions, param_groups: list[dict]) -> torc
     optimizer_class = resolve_optimizer_class(options.optimizer_type)
     spec = NAMED_OPTIMIZERS.get(options.optimizer_type.lower())
     if spec and spec.adapts_rate:
-        param_groups = _adaptive_rate_groups(spec.name, optimizer_class, param_groups, options.learning_rate)
+        optimizer_class, param_groups = _adaptive_rate_groups(
+            spec.name, optimizer_class, param_groups, options.learning_rate
+        )
     rates = [group.get("lr", options.learning_rate) for group in param_groups]
     if is_adafactor(optimizer_class) and options.optimizer_args.get("relative_step", True) and len(set(rates)) > 1:
         logger.warning("AdaFactor with relative_step=True ignores the per-group learning rates %s", rates)
@@ -375,9 +377,11 @@ def build_optimizer(options: OptimizerOptions, param_groups: list[dict]) -> torc
 
 def _adaptive_rate_groups(
     name: str, optimizer_class: type, param_groups: list[dict], learning_rate: float
-) -> list[dict]:
-    """D-Adaptation and Prodigy step every group with d * one rate (group 0's, or the largest); the guide's
-    per-group multipliers (`--unet_lr 1.0 --text_encoder_lr 0.5`) become DAdaptAdam's `layer_scale`."""
+) -> tuple[type, list[dict]]:
+    """D-Adaptation and Prodigy step every group with d * one rate (group 0's, or the largest). The guide's
+    per-group multipliers (`--unet_lr 1.0 --text_encoder_lr 0.5`) become DAdaptAdam's `layer_scale`; for the
+    others each group's step is scaled by its multiplier after the optimizer computed it (see `_group_scaled`).
+    Returns the class to build and its groups."""
     rates = [group.get("lr", learning_rate) for group in param_groups]
     low, high = ADAPTIVE_RATE_RANGE
     if any(rate and not low <= rate <= high for rate in rates):
@@ -388,20 +392,40 @@ def _adaptive_rate_groups(
             ", ".join(f"{rate:g}" for rate in rates),
         )
     if len({rate for rate in rates if rate}) <= 1:
-        return param_groups
+        return optimizer_class, param_groups
     probe = optimizer_class([torch.nn.Parameter(torch.zeros(1))])  # `layer_scale` is a group key, not an argument
-    if "layer_scale" not in probe.defaults:
-        raise ConfigError(
-            f"--optimizer_type {name} steps every parameter group with one learning rate, but the groups have "
-            f"{', '.join(f'{rate:g}' for rate in rates)}; give every part the same rate, or use "
-            "--optimizer_type DAdaptAdam, which scales each group"
-        )
+    key = "layer_scale" if "layer_scale" in probe.defaults else "rate_scale"
     top = max(rates)
-    logger.info("%s: per-group rates %s applied as layer_scale of the rate %g", name, rates, top)
-    return [
-        {**group, "lr": top, "layer_scale": rate / top} if rate else {**group, "lr": 0.0}
+    logger.info("%s: per-group rates %s applied as multipliers (%s) of the rate %g", name, rates, key, top)
+    groups = [
+        {**group, "lr": top, key: rate / top} if rate else {**group, "lr": 0.0}
         for group, rate in zip(param_groups, rates)
     ]
+    return (optimizer_class if key == "layer_scale" else _group_scaled(optimizer_class)), groups
+
+
+def _group_scaled(optimizer_class: type) -> type:
+    """`optimizer_class` whose step moves each group's parameters by `rate_scale` times the update it computed.
+
+    D-Adaptation variants other than DAdaptAdam (and Prodigy) refuse, or ignore, different rates per group; scaling
+    the finished update gives each group its share of the one adapted rate, which is what the guide's split rates
+    mean. The parameters of scaled groups are copied once per step for this.
+    """
+
+    class GroupScaled(optimizer_class):
+        def step(self, closure=None):
+            scaled = [group for group in self.param_groups if group.get("rate_scale", 1.0) != 1.0]
+            before = [[param.detach().clone() for param in group["params"]] for group in scaled]
+            loss = super().step(closure)
+            with torch.no_grad():
+                for group, previous in zip(scaled, before):
+                    for param, old in zip(group["params"], previous):
+                        param.lerp_(old, 1.0 - group["rate_scale"])  # old + scale * (new - old)
+            return loss
+
+    GroupScaled.__name__ = GroupScaled.__qualname__ = optimizer_class.__name__
+    GroupScaled.__module__ = optimizer_class.__module__
+    return GroupScaled
 
 
 def _unwrap(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -452,8 +476,8 @@ def _last_scheduled_rates(lr_scheduler: object | None) -> dict[int, float]:
 
 
 def _effective_rate(optimizer: torch.optim.Optimizer, group: dict, rate: float) -> float:
-    if "d" in group:  # D-Adaptation, Prodigy: the group's lr (and DAdaptAdam's layer_scale) multiply the estimate d
-        return group["d"] * rate * group.get("layer_scale", 1.0)
+    if "d" in group:  # D-Adaptation, Prodigy: the group's lr and multiplier (layer_scale / rate_scale) scale d
+        return group["d"] * rate * group.get("layer_scale", 1.0) * group.get("rate_scale", 1.0)
     if group.get("relative_step") and hasattr(optimizer, "_get_lr"):  # AdaFactor computes its step per parameter
         state = optimizer.state.get(group["params"][0], {})
         return optimizer._get_lr(group, state) if "step" in state else rate

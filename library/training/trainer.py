@@ -18,7 +18,9 @@ from library.errors import ConfigError, DatasetError
 from library.families.base import LoadedModels, ModelFamily
 from library.methods.base import TrainingMethod
 from library.training import metadata as md
+from library.training.best_checkpoint import BestCheckpoint, BestCheckpointOptions, start_best_checkpoint
 from library.training.block_swap import BlockRunner, place_blocks
+from library.training.ema import EMAOptions, ExponentialMovingAverage, start_ema
 from library.training.forward import encode_batch, predict_noised
 from library.training.fused_optimizers import (
     FusedOptimizers,
@@ -28,12 +30,13 @@ from library.training.fused_optimizers import (
 from library.training.hub import HubOptions, Uploader
 from library.training.interrupts import StopRequest, TrainingInterrupted
 from library.training.loop_options import LoopOptions
-from library.training.loss import LossOptions, per_sample_loss
+from library.training.loss import LossOptions, per_sample_loss, report_masks
 from library.training.memory_options import (
     MemoryOptions,
     allow_half_gradients,
     apply_attention,
     cast_trained_modules,
+    keep_freed_buffers,
 )
 from library.training.noise import NoiseOptions
 from library.training.optimizers import (
@@ -53,7 +56,7 @@ from library.training.run_outputs import (
 )
 from library.training.sampling import SampleOptions, draw_samples
 from library.training.saving import SaveOptions
-from library.training.state import Position, check_origin, load_state, read_position
+from library.training.state import Position, StatePart, check_origin, load_state, read_position
 from library.training.tracking import (
     StepMetrics,
     TrackingOptions,
@@ -110,6 +113,8 @@ class Options:
     sampling: SampleOptions = field(default_factory=SampleOptions)
     validation: ValidationOptions = field(default_factory=ValidationOptions)
     fused: FusedOptions = field(default_factory=FusedOptions)
+    ema: EMAOptions = field(default_factory=EMAOptions)
+    best: BestCheckpointOptions = field(default_factory=BestCheckpointOptions)
 
 
 @dataclass
@@ -133,10 +138,18 @@ class Run:
     uploader: Uploader = field(default_factory=Uploader)
     fused: FusedOptimizers | None = None  # --fused_backward_pass / --blockwise_fused_optimizers
     runners: list[BlockRunner] = field(default_factory=list)  # --blocks_to_swap / --cpu_offload_checkpointing
+    ema: ExponentialMovingAverage | None = None  # --ema
+    best: BestCheckpoint | None = None  # --save_best / --early_stopping_patience
 
     @property
     def finished(self) -> bool:
-        return self.state.global_step >= self.schedule.total_steps
+        """The last step is done, or early stopping ended the run."""
+        return self.state.global_step >= self.schedule.total_steps or (self.best is not None and self.best.stopped)
+
+    @property
+    def state_parts(self) -> list[StatePart]:
+        """What a training state holds besides accelerate's state (library/training/state.py `StatePart`)."""
+        return [part for part in (self.ema, self.best) if part is not None]
 
 
 def parse_options(args: argparse.Namespace) -> Options:
@@ -156,6 +169,8 @@ def parse_options(args: argparse.Namespace) -> Options:
         validation=ValidationOptions.from_args(args),
     )
     options.fused = FusedOptions.from_args(args, options.optimizer)
+    options.ema = EMAOptions.from_args(args, options.optimizer)
+    options.best = BestCheckpointOptions.from_args(args)
     return options
 
 
@@ -181,12 +196,15 @@ def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace)
     source = DatasetSource.from_args(args)
     dataset = build_dataset_group(source, seed=options.loop.seed, prior_loss_weight=args.prior_loss_weight)
     if source.debug_dataset:
-        return ""
+        return _write_debug_batches(dataset, options.saving.output_dir)
     options.sampling.check_family(family)
     options.validation.check_dataset(dataset)
+    options.best.check_validation(options.validation)
     # validation images need the same caches (text-encoder outputs) as training images
     family.validate_run(dataset.including_validation(), method.trains_text_encoder)
     options.latents.check_dataset(dataset.including_validation())
+    report_masks(options.loss, dataset.has_masks)
+    method.check_dataset(family, dataset)
     _check_outputs(options, family, dataset.including_validation())
 
     accelerator = _make_accelerator(options)
@@ -204,6 +222,9 @@ def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace)
     cast_trained_modules(method.trainable_modules(), options.memory)
     family.before_training(models, dataset.including_validation())
     cache_dataset_latents(options.latents, family, models, dataset.including_validation(), accelerator)
+    _free_unused_vae(options, method, models)
+    if accelerator.device.type == "cpu":
+        keep_freed_buffers()
 
     dataloader = _make_dataloader(dataset, accelerator, args)
     schedule = _make_schedule(options.loop, len(dataloader))
@@ -225,6 +246,8 @@ def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace)
     run = Run(family, method, options, accelerator, models, dataset, dataloader, optimizer, lr_scheduler, schedule,
               base_metadata, generator, StopRequest(), uploader=Uploader(options.hub, accelerator.is_main_process),
               fused=fused, runners=runners)
+    run.ema = start_ema(options.ema, _trainable_parameters(run))
+    run.best = start_best_checkpoint(options.best)
     if options.saving.resume:
         _resume(run, options.saving.resume)
     start_trackers(accelerator, options.tracking, _script_name(), tracker_config(args))
@@ -233,9 +256,21 @@ def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace)
     path = save_result(run, options.loop.output_name, final=True)
     if options.saving.save_state or options.saving.save_state_on_train_end:
         save_run_state(run, f"{options.loop.output_name}-state")
+    if run.best is not None:
+        run.best.report()
     accelerator.end_training()
     run.uploader.finish()  # waits for background uploads; raises if any upload failed
     return path
+
+
+def _write_debug_batches(dataset, output_dir: str) -> str:
+    """--debug_dataset: the first batches as images with captions and bucket sizes, in a folder to look at."""
+    from library.data.debug_batches import write_debug_batches
+
+    index = write_debug_batches(dataset, os.path.join(output_dir, "debug_dataset"))
+    print(f"--debug_dataset: sample batches (images, captions, bucket sizes) written to {os.path.dirname(index)}; "
+          f"see {index}")  # the product of --debug_dataset, like the summary printed above
+    return index
 
 
 def _check_outputs(options: Options, family: ModelFamily, dataset) -> None:
@@ -277,6 +312,14 @@ def _make_accelerator(options: Options):
         log_with=tracking.trackers or None,
         project_dir=tracking.run_dir(),
     )
+
+
+def _free_unused_vae(options: Options, method: TrainingMethod, models: LoadedModels) -> None:
+    """With every latent cached, no sample images and no full model to save, the VAE's weights are never read
+    again: they leave memory (the module stays, with its config, on the meta device)."""
+    if options.latents.enabled and not options.sampling.enabled and not method.trains_base_weights:
+        models.vae.to("meta")
+        logger.info("VAE weights freed: every latent is cached and nothing decodes or saves the VAE")
 
 
 def _configure_threads(loop: LoopOptions, accelerator) -> None:
@@ -349,7 +392,7 @@ def _check_steps_left(folder: str, done: int, total: int | None, known: bool = T
 
 
 def _resume(run: Run, folder: str) -> None:
-    position = load_state(run.accelerator, folder, run.generator)
+    position = load_state(run.accelerator, folder, run.generator, run.state_parts)
     _check_steps_left(folder, position.global_step, run.schedule.total_steps)
     if position.steps_per_epoch != run.schedule.steps_per_epoch:
         logger.warning("the dataset now gives %d steps per epoch, the resumed run had %d: the data order differs",
@@ -441,7 +484,7 @@ def _batch_loss(run: Run, batch: dict) -> torch.Tensor:
         encoded = encode_batch(family, run.method, models, batch, accelerator.device)
         prediction, inputs = predict_noised(family, models, encoded, run.generator, run.options.noise)
     alphas_cumprod = family.alphas_cumprod
-    masks = batch.get("masks") if run.options.loss.masked_loss else None
+    masks = batch.get("masks")  # a subset's masks apply without --masked_loss (see loss.report_masks)
     per_sample = per_sample_loss(
         prediction,
         inputs.target,
@@ -546,12 +589,14 @@ def _learning_rates(run: Run) -> dict[str, float]:
 
 
 def _after_step(run: Run) -> None:
-    """Sample images, validation, step saves (result, state, old ones removed) and a requested stop."""
+    """EMA update, sample images, validation, step saves (result, state, old ones removed) and a requested stop."""
     saving, state = run.options.saving, run.state
+    if run.ema is not None:
+        run.ema.update(state.global_step)
     if run.options.sampling.due_after_step(state.global_step):
         draw_samples(run)
     if run.options.validation.due_after_step(state.global_step):
-        run_validation(run)
+        _validate(run)
     if saving.is_step_save(state.global_step) and not run.finished:
         save_result(run, saving.step_name(state.global_step))
         if saving.save_state:
@@ -591,13 +636,20 @@ def _end_epoch(run: Run) -> None:
     if run.options.sampling.due_after_epoch(state.epoch):
         draw_samples(run, epoch=state.epoch)
     if run.options.validation.due_after_epoch(state.epoch):
-        run_validation(run)
+        _validate(run)
     last = state.epoch >= run.schedule.num_epochs or run.finished
     if saving.is_epoch_save(state.epoch) and not last:
         save_result(run, saving.epoch_name(state.epoch))
         if saving.save_state:
             save_run_state(run, saving.epoch_name(state.epoch) + "-state")
         remove_stale_epoch_save(run, state.epoch)
+
+
+def _validate(run: Run) -> None:
+    """The validation loss, and what it decides (--save_best, early stopping)."""
+    losses = run_validation(run)
+    if run.best is not None:
+        run.best.after_validation(run, losses)
 
 
 def _script_name() -> str:
