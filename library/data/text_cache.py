@@ -8,6 +8,7 @@ Caching needs each image to have one fixed caption, so options that change capti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import logging
 import os
@@ -185,8 +186,12 @@ def cache_text_outputs(
 
     Returns the filled cache and (captions encoded, cache files read).
     """
+    from library.training.parallel import main_process_first
+
     cache = TextOutputCache(fingerprint, options.file_suffix if options.to_disk else None)
-    encoded, read = cache.fill(fixed_captions(dataset), encode)
+    # with several processes the main one writes the cache files and the others then read them
+    with main_process_first() if options.to_disk else contextlib.nullcontext():
+        encoded, read = cache.fill(fixed_captions(dataset), encode)
     logger.info("text-encoder outputs cached: %d captions encoded, %d read from disk", encoded, read)
     for encoder in text_encoders:  # no longer needed on the device
         encoder.to("cpu")

@@ -59,6 +59,12 @@ class TrainingMethod(ABC):
     def trainable_modules(self) -> list[torch.nn.Module]:
         """Modules whose parameters train (handed to accelerate)."""
 
+    @property
+    def uses_every_trained_parameter(self) -> bool:
+        """Whether every step gives every trained parameter a gradient. With several processes, a method that may
+        skip some (module dropout, training that stops for a part) makes DDP look for the unused ones each step."""
+        return True
+
     def check_dataset(self, family: ModelFamily, dataset) -> None:
         """Checks of the method against the scanned datasets (before any model loads); warnings only by default."""
 

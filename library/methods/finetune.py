@@ -145,6 +145,10 @@ class FineTuneMethod(TrainingMethod):
         encoders = self.models.text_encoders if self.text_encoder_active else []
         return [self.models.denoiser, *encoders]
 
+    @property
+    def uses_every_trained_parameter(self) -> bool:
+        return self.text_encoder_steps() in (None, 0)  # else the text encoders stop training mid-run
+
     def on_step_start(self, models: LoadedModels, global_step: int) -> None:
         limit = self.text_encoder_steps()
         if self.text_encoder_active and limit is not None and global_step >= limit:

@@ -183,6 +183,11 @@ class NetworkMethod(TrainingMethod):
     def trainable_modules(self) -> list[torch.nn.Module]:
         return [self.network]
 
+    @property
+    def uses_every_trained_parameter(self) -> bool:
+        # our adapters skip a module only with module dropout; a plugin's network may skip modules in its own ways
+        return "module_dropout" not in self.network_kwargs and self.options.network_module.startswith("networks.")
+
     def on_epoch_start(self, models: LoadedModels) -> None:
         self.network.on_epoch_start(models.text_encoders, models.denoiser)
 

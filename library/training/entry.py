@@ -130,7 +130,8 @@ def run_training(family_id: str, method_id: str, description: str, argv: list[st
         sys.exit(1)
     except TrainingInterrupted as stop:
         where = f"; continue with --resume {stop.state_folder}" if stop.state_folder else ""
-        logger.warning("training stopped at step %d%s", stop.step, where)
+        if int(os.environ.get("RANK", "0")) == 0:  # every process stopped at the same step; say it once
+            logger.warning("training stopped at step %d%s", stop.step, where)
         sys.exit(130)
     except KeyboardInterrupt:
         logger.error("interrupted")

@@ -13,6 +13,7 @@ import torch
 from library.families.base import LoadedModels, ModelFamily, TrainingInputs
 from library.methods.base import TrainingMethod
 from library.training.noise import NoiseOptions
+from library.training.parallel import global_batch_inputs
 
 
 @dataclass
@@ -56,8 +57,15 @@ def predict_noised(
     generator: torch.Generator | None,
     noise: NoiseOptions,
     timesteps: torch.Tensor | None = None,
+    processes: tuple[int, int] = (1, 0),
 ) -> tuple[torch.Tensor, TrainingInputs]:
-    """Noise the latents (at `timesteps`, or the family's sampled ones) and run the denoiser: (prediction, inputs)."""
-    inputs = family.training_inputs(encoded.latents, generator, noise, timesteps)
+    """Noise the latents (at `timesteps`, or the family's sampled ones) and run the denoiser: (prediction, inputs).
+
+    With several training processes (`processes`: count, this one's index) the draws are those of the global batch
+    and this process uses its slice of them (library/training/parallel.py).
+    """
+    inputs = global_batch_inputs(
+        lambda latents: family.training_inputs(latents, generator, noise, timesteps), encoded.latents, processes
+    )
     prediction = family.predict(models, inputs.noisy_latents, inputs.timesteps, encoded.conditioning)
     return prediction, inputs

@@ -9,6 +9,7 @@ like a valid state.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -59,21 +60,44 @@ class StatePart(Protocol):
 def save_state(
     accelerator, folder: str, position: Position, generator: torch.Generator, parts: Sequence[StatePart] = ()
 ) -> None:
-    """Write a complete state folder atomically (all processes call this; the main process writes)."""
+    """Write a complete state folder atomically. All processes call this: each writes its own random states
+    (accelerate's `random_states_<process>.pkl`), the main process everything else; the folder gets its name only
+    when every process has written its part."""
+    from library.training.parallel import broadcast_from_main
+
     accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        accelerator.wait_for_everyone()
+    if accelerator.num_processes == 1:
+        with atomic_path(folder, suffix="") as temp:
+            _write_state(accelerator, temp, position, generator, parts)
+        logger.info("saved training state %s (step %d)", folder, position.global_step)
         return
-    with atomic_path(folder, suffix="") as temp:
+    with atomic_path(folder, suffix="") if accelerator.is_main_process else contextlib.nullcontext() as temp:
+        temp = broadcast_from_main(temp)  # the main process's temporary folder (a shared file system)
         accelerator.save_state(temp)
-        torch.save(generator.get_state(), os.path.join(temp, GENERATOR_FILE))
-        for part in parts:
-            part.save_to(temp)
-        position = replace(position, files=_file_sizes(temp))
-        with open(os.path.join(temp, STATE_FILE), "w", encoding="utf-8") as handle:
-            json.dump(asdict(position), handle, indent=1)
-    logger.info("saved training state %s (step %d)", folder, position.global_step)
-    accelerator.wait_for_everyone()
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _write_state(accelerator, temp, position, generator, parts, accelerate_state_written=True)
+    accelerator.wait_for_everyone()  # renamed: every process sees the complete folder from here on
+    if accelerator.is_main_process:
+        logger.info("saved training state %s (step %d)", folder, position.global_step)
+
+
+def _write_state(
+    accelerator,
+    temp: str,
+    position: Position,
+    generator: torch.Generator,
+    parts: Sequence[StatePart],
+    accelerate_state_written: bool = False,
+) -> None:
+    if not accelerate_state_written:
+        accelerator.save_state(temp)
+    torch.save(generator.get_state(), os.path.join(temp, GENERATOR_FILE))
+    for part in parts:
+        part.save_to(temp)
+    position = replace(position, files=_file_sizes(temp))
+    with open(os.path.join(temp, STATE_FILE), "w", encoding="utf-8") as handle:
+        json.dump(asdict(position), handle, indent=1)
 
 
 def _file_sizes(folder: str) -> dict[str, int]:

@@ -46,6 +46,13 @@ from library.training.optimizers import (
     current_learning_rates,
 )
 from library.training.output_checks import check_run_outputs
+from library.training.parallel import (
+    DataParallel,
+    agree,
+    data_parallel,
+    decorrelate_random_streams,
+    mean_over_processes,
+)
 from library.training.run_outputs import base_metadata as build_base_metadata
 from library.training.run_outputs import (
     remove_old_step_saves,
@@ -95,6 +102,7 @@ class RunState:
     epoch_losses: list[float] = field(default_factory=list)
     pending_metrics: list[StepMetrics] = field(default_factory=list)  # per-step tracker values not yet read back
     group_loss: torch.Tensor | None = None  # mean loss so far of the batches accumulated for the next step
+    stop_agreed: bool = False  # a stop request on any process, as every process learned it before the last batch
 
 
 @dataclass
@@ -140,6 +148,7 @@ class Run:
     runners: list[BlockRunner] = field(default_factory=list)  # --blocks_to_swap / --cpu_offload_checkpointing
     ema: ExponentialMovingAverage | None = None  # --ema
     best: BestCheckpoint | None = None  # --save_best / --early_stopping_patience
+    parallel: DataParallel = field(default_factory=DataParallel)  # gradient exchange with several processes
 
     @property
     def finished(self) -> bool:
@@ -229,11 +238,11 @@ def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace)
     dataloader = _make_dataloader(dataset, accelerator, args)
     schedule = _make_schedule(options.loop, len(dataloader))
     optimizer = build_optimizer(options.optimizer, param_groups)
-    # accelerate steps a prepared scheduler once per process for every optimizer step
-    lr_scheduler = build_lr_scheduler(options.optimizer, optimizer, schedule.total_steps * accelerator.num_processes)
-    # The trained modules are not wrapped by accelerate: the forward pass reaches them through the frozen models
-    # (LoRA hooks, a UNet inside the family's code), never through a DDP wrapper, so gradients are averaged by
-    # hand across processes (_average_gradients) and the modules are registered only for state saving.
+    # counted in optimizer steps whatever the number of processes (the accelerator is told not to step it N times)
+    lr_scheduler = build_lr_scheduler(options.optimizer, optimizer, schedule.total_steps)
+    # The trained modules are registered with accelerate for state saving only; with several processes they are
+    # wrapped for gradient exchange by library/training/parallel.py (the forward pass reaches them through the
+    # frozen models: LoRA hooks, a UNet inside the family's code).
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
     allow_half_gradients(accelerator, options.memory)
     for module in method.trainable_modules():
@@ -246,6 +255,9 @@ def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace)
     run = Run(family, method, options, accelerator, models, dataset, dataloader, optimizer, lr_scheduler, schedule,
               base_metadata, generator, StopRequest(), uploader=Uploader(options.hub, accelerator.is_main_process),
               fused=fused, runners=runners)
+    run.parallel = data_parallel(accelerator, method.trainable_modules(), _plain_exchange_reason(run),
+                                 method.uses_every_trained_parameter)
+    decorrelate_random_streams(options.loop.seed)
     run.ema = start_ema(options.ema, _trainable_parameters(run))
     run.best = start_best_checkpoint(options.best)
     if options.saving.resume:
@@ -308,10 +320,30 @@ def _make_accelerator(options: Options):
 
     tracking = options.tracking
     return Accelerator(
+        # several processes on a machine without an accelerator device: accelerate's multi-CPU mode (gloo)
+        cpu=_processes_without_device(),
+        # the LR schedule advances once per optimizer step, not once per process and step
+        step_scheduler_with_optimizer=False,
         mixed_precision=options.loop.mixed_precision,
         log_with=tracking.trackers or None,
         project_dir=tracking.run_dir(),
     )
+
+
+def _processes_without_device() -> bool:
+    """Launched as several processes (torchrun / `accelerate launch --multi_gpu`) where torch sees no GPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    return not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def _plain_exchange_reason(run: Run) -> str | None:
+    """Why this run's gradients cannot be exchanged by DistributedDataParallel during backward, if they cannot."""
+    if run.fused is not None:
+        return "the fused optimizers step inside backward"
+    if run.runners:
+        return "block swapping moves weights between devices during the step"
+    return None
 
 
 def _free_unused_vae(options: Options, method: TrainingMethod, models: LoadedModels) -> None:
@@ -419,8 +451,10 @@ def _train_epochs(run: Run) -> None:
         loader.set_epoch(state.epoch)
         run.method.on_epoch_start(run.models)
         for batch in _batches(loader):
-            if "failed" in batch:
-                _stop_for_unreadable_data(run, batch["failed"])
+            # every process learns of a failure or a stop request on any of them, so all stop at the same step
+            failure, state.stop_agreed = agree(batch.get("failed"), run.stop.requested, accelerator.device)
+            if failure is not None:
+                _stop_for_unreadable_data(run, failure)
             loss = _train_step(run, batch)
             state.step_in_epoch += 1
             if loss is None:  # gradients accumulate until the last batch of the group
@@ -482,7 +516,8 @@ def _batch_loss(run: Run, batch: dict) -> torch.Tensor:
     family, models, accelerator = run.family, run.models, run.accelerator
     with accelerator.autocast():
         encoded = encode_batch(family, run.method, models, batch, accelerator.device)
-        prediction, inputs = predict_noised(family, models, encoded, run.generator, run.options.noise)
+        prediction, inputs = predict_noised(family, models, encoded, run.generator, run.options.noise,
+                                            processes=run.parallel.processes)
     alphas_cumprod = family.alphas_cumprod
     masks = batch.get("masks")  # a subset's masks apply without --masked_loss (see loss.report_masks)
     per_sample = per_sample_loss(
@@ -506,17 +541,17 @@ def _train_step(run: Run, batch: dict) -> torch.Tensor | None:
     group_size, starts_group, ends_group = _accumulation_group(run)
     if starts_group:
         run.method.on_step_start(run.models, run.state.global_step)
-    loss = _batch_loss(run, batch)
     accelerator = run.accelerator
-    if group_size > 1:  # the group's gradients sum to those of the mean loss over its batches
-        accelerator.backward(loss / group_size)
+    with run.parallel.accumulating(skip_exchange=not ends_group):
+        loss = run.parallel.loss(lambda: _batch_loss(run, batch))
+        # the group's gradients sum to those of the mean loss over its batches
+        accelerator.backward(loss / group_size if group_size > 1 else loss)
+    if group_size > 1:
         group_loss = loss.detach() / group_size
         run.state.group_loss = group_loss if run.state.group_loss is None else run.state.group_loss + group_loss
         if not ends_group:
             return None
         loss, run.state.group_loss = run.state.group_loss, None
-    else:
-        accelerator.backward(loss)
     if run.fused is not None:
         run.fused.finish_backward()  # the optimizers stepped inside backward (gradients averaged, clipped, freed)
     else:
@@ -527,9 +562,9 @@ def _train_step(run: Run, batch: dict) -> torch.Tensor | None:
 
 
 def _apply_gradients(run: Run) -> None:
-    """Average the gradients across processes, clip their global norm and step the optimizer."""
+    """Average the gradients across processes (unless backward did), clip their global norm and step the optimizer."""
     accelerator = run.accelerator
-    if accelerator.num_processes > 1:
+    if accelerator.num_processes > 1 and not run.parallel.averages_gradients:
         _average_gradients(_trainable_parameters(run), accelerator.num_processes)
     if run.options.optimizer.max_grad_norm > 0:
         accelerator.clip_grad_norm_(_trainable_parameters(run), run.options.optimizer.max_grad_norm)
@@ -569,6 +604,7 @@ def _trainable_parameters(run: Run) -> list[torch.nn.Parameter]:
 
 def _track_loss(run: Run, loss: torch.Tensor, progress) -> None:
     state = run.state
+    loss = mean_over_processes(loss)  # the loss of the global batch
     state.loss_sum = loss if state.loss_sum is None else state.loss_sum + loss
     state.loss_count += 1
     progress.update(1)
@@ -602,7 +638,7 @@ def _after_step(run: Run) -> None:
         if saving.save_state:
             save_run_state(run, saving.step_name(state.global_step) + "-state")
         remove_old_step_saves(run)
-    if run.stop.requested:
+    if state.stop_agreed or (run.parallel.processes[0] == 1 and run.stop.requested):
         name = saving.step_name(state.global_step)
         save_result(run, name)
         if saving.save_state:
