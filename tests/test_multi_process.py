@@ -101,15 +101,21 @@ def _assert_close_and_trained(path_a: str, path_b: str) -> None:
 @pytest.mark.parametrize("family_id", ["sd", "sdxl", "flux"])
 def test_two_processes_of_batch_one_train_like_one_process_of_batch_two(family_id, tiny_family, datasets, tmp_path):
     tiny = tiny_family(family_id)
-    extra = ["--save_every_n_steps", "2", "--save_state"] if family_id == "sd" else []
-    if family_id == "flux":  # disk caches: the main process writes them, the other reads them
-        extra = ["--cache_latents_to_disk", "--cache_text_encoder_outputs_to_disk"]
+    extra = {
+        # --clip_skip 2: the LoRA of the text encoder's last layer never gets a gradient (DDP must cope)
+        "sd": ["--save_every_n_steps", "2", "--save_state", "--clip_skip", "2"],
+        # accumulation: only the last batch of each group exchanges gradients
+        "sdxl": ["--gradient_accumulation_steps", "2"],
+        # disk caches: the main process writes them, the other reads them
+        "flux": ["--cache_latents_to_disk", "--cache_text_encoder_outputs_to_disk"],
+    }[family_id]
     two = _run(tmp_path, 2, _lora_args(tiny, datasets[1], tmp_path / "two", 4, *extra), family_id == "flux")
     assert "2 processes: gradients are averaged by DistributedDataParallel during backward" in two
-    assert "2 steps per epoch, 2 epochs, 4 steps in total" in two
+    epochs = 4 if family_id == "sdxl" else 2
+    assert f"{4 // epochs} steps per epoch, {epochs} epochs, 4 steps in total" in two
     one = _run(tmp_path, 1, _lora_args(tiny, datasets[2], tmp_path / "one", 4, *extra))
     losses = [re.findall(r"average loss (\S+)", output) for output in (one, two)]
-    assert losses[0] == losses[1] and len(losses[0]) == 2  # the logged loss is the global batch's
+    assert losses[0] == losses[1] and len(losses[0]) == epochs  # the logged loss is the global batch's
     _assert_close_and_trained(str(tmp_path / "one" / "lora.safetensors"), str(tmp_path / "two" / "lora.safetensors"))
     saved = sorted(name for name in os.listdir(tmp_path / "two") if not name.startswith("."))
     assert saved.count("lora.safetensors") == 1 and len(re.findall(r"saved \S*two/lora.safetensors", two)) == 1
@@ -120,7 +126,7 @@ def test_two_processes_of_batch_one_train_like_one_process_of_batch_two(family_i
     if family_id == "sd":  # a state saved mid-run by two processes continues to the same end, bit for bit
         state = tmp_path / "two" / "lora-step00000002-state"
         assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(os.listdir(state))
-        _run(tmp_path, 2, _lora_args(tiny, datasets[1], tmp_path / "resumed", 4, "--resume", str(state)))
+        _run(tmp_path, 2, _lora_args(tiny, datasets[1], tmp_path / "resumed", 4, *extra, "--resume", str(state)))
         ended = [load_file(str(tmp_path / name / "lora.safetensors")) for name in ("two", "resumed")]
         assert all(torch.equal(ended[0][key], ended[1][key]) for key in ended[0])
 
@@ -165,3 +171,72 @@ def test_sigterm_to_one_process_saves_once_stops_all_and_resumes(tiny_family, da
     resumed = _lora_args(tiny, datasets[1], out, stopped_at + 2, "--resume", str(out / states[0]))
     _run(tmp_path, 2, resumed)
     assert steps_of(str(out / "lora.safetensors")) == str(stopped_at + 2)
+
+
+def _fine_tune_args(tiny, dataset: str, out_dir, *extra: str) -> list[str]:
+    return [
+        tiny.scripts["finetune"], *tiny.model_args, "--dataset_config", dataset, "--output_dir", str(out_dir),
+        "--output_name", "model", "--save_model_as", "safetensors", "--optimizer_type", "SGDNesterov",
+        "--learning_rate", "0.1", "--max_train_steps", "4", "--seed", "3", "--cache_latents",
+        "--max_data_loader_n_workers", "0", "--cpu_threads", "1", *extra,
+    ]  # fmt: skip
+
+
+def _fsdp_run(tmp_path, args: list[str]) -> str:
+    launch = ["--use_fsdp", "--fsdp_version", "2", "--num_processes", "2", "--main_process_port", str(_free_port())]
+    result = run_cli(launch + args, tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    return output
+
+
+def test_fsdp_full_fine_tune_trains_like_one_process_saves_a_loadable_file_and_resumes(
+    tiny_family, datasets, tmp_path
+):
+    from diffusers import UNet2DConditionModel
+
+    tiny = tiny_family("sd")
+    two = _fsdp_run(tmp_path, _fine_tune_args(tiny, datasets[1], tmp_path / "two", "--save_every_n_steps", "2",
+                                              "--save_state"))  # fmt: skip
+    assert "FSDP: denoiser sharded in" in two and "FSDP reduce-scatters the gradients" in two
+    one = _run(tmp_path, 1, _fine_tune_args(tiny, datasets[2], tmp_path / "one"))
+    assert re.findall(r"average loss (\S+)", one) == re.findall(r"average loss (\S+)", two)
+    folder = tiny.diffusers_args[tiny.diffusers_args.index("--pretrained_model_name_or_path") + 1]
+    unets = [UNet2DConditionModel.from_single_file(str(tmp_path / name / "model.safetensors"), config=folder,
+                                                   subfolder="unet", local_files_only=True).state_dict()
+             for name in ("one", "two")]  # fmt: skip
+    start = UNet2DConditionModel.from_single_file(
+        tiny.model_args[1], config=folder, subfolder="unet", local_files_only=True
+    ).state_dict()
+    assert max((unets[0][key] - start[key]).abs().max().item() for key in start) > 1e-3  # it trained
+    for key in unets[0]:
+        torch.testing.assert_close(unets[0][key], unets[1][key], rtol=0, atol=1e-5, msg=key)
+
+    # the state holds the full weights and optimizer state, gathered once; it continues to the same end
+    state = tmp_path / "two" / "model-step00000002-state"
+    assert {"random_states_0.pkl", "random_states_1.pkl", "custom_checkpoint_1.pkl"} <= set(os.listdir(state))
+    _fsdp_run(tmp_path, _fine_tune_args(tiny, datasets[1], tmp_path / "resumed", "--resume", str(state)))
+    ended = [load_file(str(tmp_path / name / "model.safetensors")) for name in ("two", "resumed")]
+    assert all(torch.equal(ended[0][key], ended[1][key]) for key in ended[0])
+
+
+def test_fsdp_refuses_what_cannot_run_on_shards(monkeypatch):
+    from types import SimpleNamespace
+
+    from library.errors import ConfigError
+    from library.training.sharding import ShardingOptions
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")
+    options = ShardingOptions.from_environment()
+    assert options.enabled and not options.reshard_after_forward
+    lora = SimpleNamespace(name="network", trains_base_weights=False)
+    with pytest.raises(ConfigError, match="the network method trains small modules.*without --use_fsdp"):
+        options.check(lora, {}, 2)
+    full = SimpleNamespace(name="finetune", trains_base_weights=True)
+    with pytest.raises(ConfigError, match="cannot be combined with --ema"):
+        options.check(full, {"--ema": True}, 2)
+    options.check(full, {"--ema": False}, 2)
+    monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "HYBRID_SHARD")
+    with pytest.raises(ConfigError, match="HYBRID_SHARD .* is not supported"):
+        ShardingOptions.from_environment()

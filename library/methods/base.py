@@ -61,8 +61,9 @@ class TrainingMethod(ABC):
 
     @property
     def uses_every_trained_parameter(self) -> bool:
-        """Whether every step gives every trained parameter a gradient. With several processes, a method that may
-        skip some (module dropout, training that stops for a part) makes DDP look for the unused ones each step."""
+        """Whether every step uses the same trained parameters (some may never get a gradient). With several
+        processes, a method whose set changes (module dropout, a part that stops training mid-run) makes DDP look
+        for the unused ones in every step."""
         return True
 
     def check_dataset(self, family: ModelFamily, dataset) -> None:

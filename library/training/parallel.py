@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -140,11 +140,26 @@ class DataParallel:
 
     processes: tuple[int, int] = (1, 0)
     wrapper: torch.nn.Module | None = None  # DistributedDataParallel over the trained modules, when used
+    sharded: list[torch.nn.Module] = field(default_factory=list)  # FSDP roots (library/training/sharding.py)
 
     @property
     def averages_gradients(self) -> bool:
         """Whether backward itself leaves the averaged gradients (else the loop all-reduces them)."""
-        return self.wrapper is not None
+        return self.wrapper is not None or bool(self.sharded)
+
+    @property
+    def every_process_evaluates(self) -> bool:
+        """Sharded modules run only with every process taking part: samples and validation run on all of them
+        (the main process writes and logs); otherwise the main process evaluates alone."""
+        return bool(self.sharded)
+
+    def full_weights(self):
+        """Context in which the main process's trained modules hold their full weights (for saving)."""
+        if not self.sharded:
+            return contextlib.nullcontext()
+        from library.training.sharding import full_weights
+
+        return full_weights(self.sharded, self.processes[1] == 0)
 
     def loss(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Run the loss computation (through DDP when used)."""
@@ -153,33 +168,50 @@ class DataParallel:
     def accumulating(self, skip_exchange: bool):
         """Context for forward and backward of a batch; `skip_exchange` for all batches of an accumulation group
         but the last (their gradients add up locally and are exchanged once, with the last one's)."""
+        if self.sharded:
+            for root in self.sharded:
+                root.set_requires_gradient_sync(not skip_exchange)
+            return contextlib.nullcontext()
         if self.wrapper is None or not skip_exchange:
             return contextlib.nullcontext()
         return self.wrapper.no_sync()
 
 
 def data_parallel(
-    accelerator, modules: list[torch.nn.Module], plain_reason: str | None, every_parameter_used: bool = True
+    accelerator,
+    modules: list[torch.nn.Module],
+    plain_reason: str | None,
+    every_parameter_used: bool = True,
+    sharded: list[torch.nn.Module] | None = None,
+    accumulation: int = 1,
 ) -> DataParallel:
     """Wrap the trained modules for gradient exchange with overlap (one process: nothing to do).
 
     `plain_reason` names what rules DDP out for this run (the loop then all-reduces after backward);
-    `every_parameter_used`: every step gives every trained parameter a gradient (else DDP looks for unused ones).
+    `every_parameter_used`: every step uses the same trained parameters; `accumulation`: batches per optimizer step.
     """
     processes = (accelerator.num_processes, accelerator.process_index)
     if processes[0] == 1:
         return DataParallel(processes)
+    if sharded:
+        logger.info("%d processes: FSDP reduce-scatters the gradients of the sharded modules", processes[0])
+        return DataParallel(processes, sharded=list(sharded))
     if plain_reason:
         logger.info("%d processes: gradients are averaged after backward (%s)", processes[0], plain_reason)
         return DataParallel(processes)
     from torch.nn.parallel import DistributedDataParallel
 
     device = accelerator.device
+    static = every_parameter_used and accumulation == 1
     wrapper = DistributedDataParallel(
         _TrainedModules(modules),
         device_ids=[device.index] if device.type == "cuda" else None,
         forward_sync_buffers=False,  # buffers are equal everywhere (synced once at the start); trained ones are params
-        find_unused_parameters=not every_parameter_used,
+        # The same parameters every step (some perhaps never: a LoRA on a text-encoder layer whose output is not
+        # used): DDP learns them in the first step. Otherwise, and with accumulation (a static graph cannot skip
+        # the exchange of its first batches), it looks for the unused ones in every step.
+        static_graph=static,
+        find_unused_parameters=not static,
         gradient_as_bucket_view=True,
     )
     logger.info("%d processes: gradients are averaged by DistributedDataParallel during backward", processes[0])

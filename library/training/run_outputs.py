@@ -41,20 +41,22 @@ def save_result(run: Run, name: str, final: bool = False, metadata: dict[str, st
     accelerator.wait_for_everyone()
     for runner in run.runners:
         runner.synchronize()  # swapped weights reach their host copies before they are read
-    if not accelerator.is_main_process:
-        return path
-    metadata = {**run.base_metadata, **(metadata or {})}
-    metadata.update(
-        {"ss_epoch": str(state.epoch), "ss_steps": str(state.global_step), "ss_training_finished_at": str(time.time())}
-    )
-    try:
-        _write_result(run, path, metadata)
-    except OSError as err:
-        if err.errno not in NO_SPACE:
-            raise
-        path = _write_elsewhere(run, path, metadata, final)
-        if path is None:
-            return None
+    with run.parallel.full_weights():  # sharded modules: every process helps gather, the main one writes
+        if not accelerator.is_main_process:
+            return path
+        metadata = {**run.base_metadata, **(metadata or {})}
+        metadata.update(
+            {"ss_epoch": str(state.epoch), "ss_steps": str(state.global_step),
+             "ss_training_finished_at": str(time.time())}
+        )  # fmt: skip
+        try:
+            _write_result(run, path, metadata)
+        except OSError as err:
+            if err.errno not in NO_SPACE:
+                raise
+            path = _write_elsewhere(run, path, metadata, final)
+            if path is None:
+                return None
     logger.info("saved %s", path)
     run.uploader.upload_result(path)
     return path

@@ -379,11 +379,12 @@ def placed_on(module: torch.nn.Module, device: torch.device) -> Iterator[None]:
 
 
 def draw_samples(run: Run, epoch: int | None = None) -> list[str]:
-    """Draw every prompt with the models as they are now; main process only, the others wait. Returns paths."""
+    """Draw every prompt with the models as they are now; main process only, the others wait (with sharded modules
+    every process draws, in step, and the main one writes). Returns paths."""
     accelerator = run.accelerator
     accelerator.wait_for_everyone()
     paths: list[str] = []
-    if accelerator.is_main_process:
+    if accelerator.is_main_process or run.parallel.every_process_evaluates:
         paths = _draw_on_main(run, epoch)
     accelerator.wait_for_everyone()
     return paths
@@ -403,7 +404,8 @@ def _draw_on_main(run: Run, epoch: int | None) -> list[str]:
             _draw_one(run, pipeline, prompt, index, folder, when, timestamp)
             for index, prompt in enumerate(options.prompts)
         ]
-    logger.info("%d sample image(s) in %s (%.1f s)", len(paths), folder, time.perf_counter() - started)
+    if run.accelerator.is_main_process:
+        logger.info("%d sample image(s) in %s (%.1f s)", len(paths), folder, time.perf_counter() - started)
     return paths
 
 
@@ -428,7 +430,8 @@ def _draw_one(run: Run, pipeline, prompt: SamplePrompt, index: int, folder: str,
         ).images[0]
     path = os.path.join(folder, sample_file_name(run.options.loop.output_name, when, index, timestamp, seed))
     described = replace(prompt, width=width, height=height, seed=seed, scale=scale)
-    save_png(image, path, png_parameters(described, run.options.sampling.sampler))
+    if accelerator.is_main_process:
+        save_png(image, path, png_parameters(described, run.options.sampling.sampler))
     return path
 
 

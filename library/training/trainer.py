@@ -63,6 +63,13 @@ from library.training.run_outputs import (
 )
 from library.training.sampling import SampleOptions, draw_samples
 from library.training.saving import SaveOptions
+from library.training.sharding import (
+    FullModuleState,
+    FullOptimizerState,
+    ShardingOptions,
+    shard_modules,
+    take_over_from_accelerate,
+)
 from library.training.state import Position, StatePart, check_origin, load_state, read_position
 from library.training.tracking import (
     StepMetrics,
@@ -193,6 +200,7 @@ def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace)
     family.validate(method)
     options.fused.check_method(method.name)
     options.loss.check_objective(family.v_prediction, has_noise_schedule=family.alphas_cumprod is not None)
+    sharding = _sharding_options(family, method, options)
     # a state on the hub is downloaded (into the hub cache) once every option is known to be right
     if options.hub.resume_from_huggingface and options.saving.resume:
         options.saving.resume = args.resume = options.hub.local_resume(options.saving.resume)
@@ -229,6 +237,11 @@ def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace)
     apply_attention(models, options.memory.attention)
     param_groups = method.setup(family, models)
     cast_trained_modules(method.trainable_modules(), options.memory)
+    sharded = []
+    if sharding.enabled and accelerator.num_processes > 1:
+        text_encoders = [module for module in method.trainable_modules() if module is not models.denoiser]
+        sharded = shard_modules(sharding, models.denoiser, family.denoiser_blocks(models), text_encoders,
+                                param_groups, accelerator.device)  # fmt: skip
     family.before_training(models, dataset.including_validation())
     cache_dataset_latents(options.latents, family, models, dataset.including_validation(), accelerator)
     _free_unused_vae(options, method, models)
@@ -242,11 +255,18 @@ def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace)
     lr_scheduler = build_lr_scheduler(options.optimizer, optimizer, schedule.total_steps)
     # The trained modules are registered with accelerate for state saving only; with several processes they are
     # wrapped for gradient exchange by library/training/parallel.py (the forward pass reaches them through the
-    # frozen models: LoRA hooks, a UNet inside the family's code).
-    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
-    allow_half_gradients(accelerator, options.memory)
-    for module in method.trainable_modules():
-        accelerator.register_for_checkpointing(module)
+    # frozen models: LoRA hooks, a UNet inside the family's code). Sharded modules and their optimizer are
+    # checkpointed through objects that gather their full state (library/training/sharding.py).
+    if sharded:
+        lr_scheduler = accelerator.prepare(lr_scheduler)
+        for module in sharded:
+            accelerator.register_for_checkpointing(FullModuleState(module))
+        accelerator.register_for_checkpointing(FullOptimizerState(sharded, optimizer))
+    else:
+        optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+        allow_half_gradients(accelerator, options.memory)
+        for module in method.trainable_modules():
+            accelerator.register_for_checkpointing(module)
     fused = attach_fused_optimizers(options.fused, options.optimizer, optimizer, accelerator,
                                     lambda: family.denoiser_blocks(models))
 
@@ -256,7 +276,7 @@ def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace)
               base_metadata, generator, StopRequest(), uploader=Uploader(options.hub, accelerator.is_main_process),
               fused=fused, runners=runners)
     run.parallel = data_parallel(accelerator, method.trainable_modules(), _plain_exchange_reason(run),
-                                 method.uses_every_trained_parameter)
+                                 method.uses_every_trained_parameter, sharded, schedule.accumulation)
     decorrelate_random_streams(options.loop.seed)
     run.ema = start_ema(options.ema, _trainable_parameters(run))
     run.best = start_best_checkpoint(options.best)
@@ -328,6 +348,25 @@ def _make_accelerator(options: Options):
         log_with=tracking.trackers or None,
         project_dir=tracking.run_dir(),
     )
+
+
+def _sharding_options(family: ModelFamily, method: TrainingMethod, options: Options) -> ShardingOptions:
+    """FSDP as accelerate's launcher asked for it, checked against the run's options; the trainer shards."""
+    sharding = ShardingOptions.from_environment()
+    offload = family.offload is not None and family.offload.active
+    refused = {
+        "--blocks_to_swap / --cpu_offload_checkpointing": offload,
+        options.fused.option: options.fused.enabled,
+        "--ema": options.ema.enabled,
+        "--mixed_precision fp16 (its gradient scaler does not work on shards; use bf16)":
+            options.loop.mixed_precision == "fp16",
+    }
+    sharding.check(method, refused, int(os.environ.get("WORLD_SIZE", "1")))
+    if sharding.enabled:
+        take_over_from_accelerate()
+        if sharding.activation_checkpointing:
+            options.loop.gradient_checkpointing = True
+    return sharding
 
 
 def _processes_without_device() -> bool:

@@ -135,17 +135,19 @@ def _batch_losses(
 
 
 def run_validation(run: Run) -> dict[str, float]:
-    """Compute, log and return the validation losses with the evaluation weights; main process only."""
+    """Compute, log and return the validation losses with the evaluation weights; main process only (every process
+    with sharded modules)."""
     from library.training.evaluation import evaluation_weights
 
     accelerator = run.accelerator
     accelerator.wait_for_everyone()
     losses: dict[str, float] = {}
-    if accelerator.is_main_process:
+    if accelerator.is_main_process or run.parallel.every_process_evaluates:  # sharded modules need every process
         with evaluation_weights(run, "validation"):
             losses = validation_losses(run.family, run.models, run.dataset.validation, accelerator.device,
                                        accelerator.autocast, run.method)  # fmt: skip
-        _log(run, losses)
+        if accelerator.is_main_process:
+            _log(run, losses)
     accelerator.wait_for_everyone()
     return losses
 
