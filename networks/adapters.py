@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from library.errors import CheckpointError
+from library.training.quantized_base import dense_weight
 
 logger = logging.getLogger(__name__)
 
@@ -27,13 +28,19 @@ DEFAULT_ALPHA = 1.0
 Parts = list[tuple[dict[str, torch.Tensor], float]]  # diffusers / PEFT tensors of each part with its alpha
 
 
+def weight_input_shape(layer: nn.Module) -> tuple[int, ...]:
+    """The weight's shape after its output rows: (in,) for a Linear (also one whose weight is stored quantized),
+    (in, kh, kw) for a Conv2d."""
+    return tuple(layer.weight.shape[1:]) if isinstance(layer, nn.Conv2d) else (layer.in_features,)
+
+
 def out_features(layer: nn.Module) -> int:
     return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
 
 
 def fused_weight(layers: Sequence[nn.Module], device: torch.device | str | None = None) -> torch.Tensor:
     """The float32 weight of the original layer: the parts' weights stacked by rows."""
-    return torch.cat([layer.weight.detach().to(device, torch.float32) for layer in layers], dim=0)
+    return torch.cat([dense_weight(layer).detach().to(device, torch.float32) for layer in layers], dim=0)
 
 
 @functools.cache
@@ -82,7 +89,7 @@ class Adapter(nn.Module):
     @property
     def fused_shape(self) -> tuple[int, ...]:
         """The shape of the original layer's weight (rows of every part)."""
-        return (sum(self.part_sizes), *self.org_module.weight.shape[1:])
+        return (sum(self.part_sizes), *weight_input_shape(self.org_module))
 
     def part_index(self, rows: slice | None) -> int:
         """Which layer of a fused target `rows` (as `apply_to` hands them out) belong to."""

@@ -53,6 +53,7 @@ from library.training.parallel import (
     decorrelate_random_streams,
     mean_over_processes,
 )
+from library.training.quantized_base import QuantizationOptions, quantize_frozen_base
 from library.training.run_outputs import base_metadata as build_base_metadata
 from library.training.run_outputs import (
     remove_old_step_saves,
@@ -130,6 +131,7 @@ class Options:
     fused: FusedOptions = field(default_factory=FusedOptions)
     ema: EMAOptions = field(default_factory=EMAOptions)
     best: BestCheckpointOptions = field(default_factory=BestCheckpointOptions)
+    quantization: QuantizationOptions = field(default_factory=QuantizationOptions)
 
 
 @dataclass
@@ -187,6 +189,7 @@ def parse_options(args: argparse.Namespace) -> Options:
     options.fused = FusedOptions.from_args(args, options.optimizer)
     options.ema = EMAOptions.from_args(args, options.optimizer)
     options.best = BestCheckpointOptions.from_args(args)
+    options.quantization = QuantizationOptions.from_args(args)
     return options
 
 
@@ -201,6 +204,8 @@ def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace)
     options.fused.check_method(method.name)
     options.loss.check_objective(family.v_prediction, has_noise_schedule=family.alphas_cumprod is not None)
     sharding = _sharding_options(family, method, options)
+    options.quantization.check(method, fp8=getattr(args, "fp8_base", False) or getattr(args, "fp8_base_unet", False),
+                               block_swap=family.offload is not None and family.offload.active)
     # a state on the hub is downloaded (into the hub cache) once every option is known to be right
     if options.hub.resume_from_huggingface and options.saving.resume:
         options.saving.resume = args.resume = options.hub.local_resume(options.saving.resume)
@@ -233,6 +238,8 @@ def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace)
     load_start = time.perf_counter()
     models = family.load(WEIGHT_DTYPES[options.loop.mixed_precision])
     logger.info("models loaded in %.1f s", time.perf_counter() - load_start)
+    quantize_frozen_base(options.quantization, models, method.trains_text_encoder,
+                         WEIGHT_DTYPES[options.loop.mixed_precision])
     runners = _place_models(family, models, accelerator.device, options.loop, method)
     apply_attention(models, options.memory.attention)
     param_groups = method.setup(family, models)
