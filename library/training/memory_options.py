@@ -47,9 +47,11 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="compute the denoiser's attention in slices (diffusers' sliced attention): less memory, slower",
     )
+    from library.training.compile import add_compile_arguments
     from library.training.quantized_base import add_quantization_arguments
 
     add_quantization_arguments(parser)
+    add_compile_arguments(parser)
     parser.add_argument(
         "--lowram",
         action="store_true",

@@ -20,6 +20,7 @@ from library.methods.base import TrainingMethod
 from library.training import metadata as md
 from library.training.best_checkpoint import BestCheckpoint, BestCheckpointOptions, start_best_checkpoint
 from library.training.block_swap import BlockRunner, place_blocks
+from library.training.compile import CompileOptions, compile_blocks
 from library.training.ema import EMAOptions, ExponentialMovingAverage, start_ema
 from library.training.forward import encode_batch, predict_noised
 from library.training.fused_optimizers import (
@@ -132,6 +133,7 @@ class Options:
     ema: EMAOptions = field(default_factory=EMAOptions)
     best: BestCheckpointOptions = field(default_factory=BestCheckpointOptions)
     quantization: QuantizationOptions = field(default_factory=QuantizationOptions)
+    compile: CompileOptions = field(default_factory=CompileOptions)
 
 
 @dataclass
@@ -190,6 +192,7 @@ def parse_options(args: argparse.Namespace) -> Options:
     options.ema = EMAOptions.from_args(args, options.optimizer)
     options.best = BestCheckpointOptions.from_args(args)
     options.quantization = QuantizationOptions.from_args(args)
+    options.compile = CompileOptions.from_args(args)
     return options
 
 
@@ -206,6 +209,7 @@ def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace)
     sharding = _sharding_options(family, method, options)
     options.quantization.check(method, fp8=getattr(args, "fp8_base", False) or getattr(args, "fp8_base_unet", False),
                                block_swap=family.offload is not None and family.offload.active)
+    options.compile.check(block_swap=family.offload is not None and family.offload.active)
     # a state on the hub is downloaded (into the hub cache) once every option is known to be right
     if options.hub.resume_from_huggingface and options.saving.resume:
         options.saving.resume = args.resume = options.hub.local_resume(options.saving.resume)
@@ -249,6 +253,7 @@ def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace)
         text_encoders = [module for module in method.trainable_modules() if module is not models.denoiser]
         sharded = shard_modules(sharding, models.denoiser, family.denoiser_blocks(models), text_encoders,
                                 param_groups, accelerator.device)  # fmt: skip
+    compile_blocks(options.compile, family.denoiser_blocks(models), models.denoiser)
     family.before_training(models, dataset.including_validation())
     cache_dataset_latents(options.latents, family, models, dataset.including_validation(), accelerator)
     _free_unused_vae(options, method, models)
