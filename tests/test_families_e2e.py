@@ -3,6 +3,8 @@ the shared adapter layer, and see the denoiser's output change. A new family joi
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -46,6 +48,10 @@ def test_lora_trains_saves_and_changes_the_reloaded_models_output(family_id, tin
     assert result.returncode == 0, output
     losses = epoch_losses(output)
     assert losses and all(torch.isfinite(torch.tensor(losses))), losses
+    # the memory plan: every model with its size, device and dtype, and the trained values
+    assert re.search(r"memory plan: denoiser: \d+\.\d\d GiB float32 on cpu", output)
+    assert re.search(r"memory plan: trained: \d+\.\d\dM values, .* GiB on cpu", output)
+    assert "memory plan: optimizer AdamW: about" in output
     path = str(tmp_path / "out" / "lora.safetensors")
     with safe_open(path, "pt") as handle:
         keys, metadata = set(handle.keys()), handle.metadata()

@@ -138,6 +138,7 @@ def test_vae_weights_leave_memory_once_every_latent_is_cached(lora_argv, caplog,
     def free_and_look(options, method, models):
         original(options, method, models)
         seen["device"] = next(models.vae.parameters()).device.type
+        seen["decoder"] = next(models.vae.decoder.parameters()).device.type
 
     monkeypatch.setattr(trainer, "_free_unused_vae", free_and_look)
     argv = lora_argv("--cache_latents", "--network_train_unet_only")
@@ -148,4 +149,6 @@ def test_vae_weights_leave_memory_once_every_latent_is_cached(lora_argv, caplog,
     with caplog.at_level(logging.INFO):
         caplog.clear()
         train_in_process(lora_argv("--network_train_unet_only", "--max_train_steps", "1"))  # latents not cached
+    # the encoder encodes every step; the decoder is never used without sample images
     assert seen["device"] == "cpu" and "VAE weights freed" not in caplog.text
+    assert seen["decoder"] == "meta" and "VAE decoder freed" in caplog.text

@@ -39,6 +39,7 @@ from library.training.memory_options import (
     cast_trained_modules,
     keep_freed_buffers,
 )
+from library.training.memory_plan import log_memory_plan
 from library.training.noise import NoiseOptions
 from library.training.optimizers import (
     OptimizerOptions,
@@ -292,6 +293,7 @@ def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace)
     decorrelate_random_streams(options.loop.seed)
     run.ema = start_ema(options.ema, _trainable_parameters(run))
     run.best = start_best_checkpoint(options.best)
+    log_memory_plan(run)
     if options.saving.resume:
         _resume(run, options.saving.resume)
     start_trackers(accelerator, options.tracking, _script_name(), tracker_config(args))
@@ -398,11 +400,21 @@ def _plain_exchange_reason(run: Run) -> str | None:
 
 
 def _free_unused_vae(options: Options, method: TrainingMethod, models: LoadedModels) -> None:
-    """With every latent cached, no sample images and no full model to save, the VAE's weights are never read
-    again: they leave memory (the module stays, with its config, on the meta device)."""
-    if options.latents.enabled and not options.sampling.enabled and not method.trains_base_weights:
+    """The VAE parts nothing will use leave memory (the modules stay, with their configs, on the meta device): with
+    no sample images and no full model to save, the decoder is never used; with every latent cached, neither is
+    the encoder."""
+    if options.sampling.enabled or method.trains_base_weights:
+        return
+    if options.latents.enabled:
         models.vae.to("meta")
         logger.info("VAE weights freed: every latent is cached and nothing decodes or saves the VAE")
+        return
+    decoder = [getattr(models.vae, name) for name in ("decoder", "post_quant_conv") if hasattr(models.vae, name)]
+    for part in decoder:
+        if isinstance(part, torch.nn.Module):
+            part.to("meta")
+    if decoder:
+        logger.info("VAE decoder freed: no sample images, nothing decodes or saves the VAE")
 
 
 def _configure_threads(loop: LoopOptions, accelerator) -> None:
