@@ -56,3 +56,28 @@ def test_sd_load_leaves_no_tensor_inside_a_mapping_of_the_checkpoint_file(tiny_m
     ranges = _mapped_ranges(path)
     assert tensors and not [t for t in tensors for start, end in ranges if start <= t.data_ptr() < end]
     assert not ranges, "nothing keeps the checkpoint file mapped once the models are loaded"
+
+
+def test_reference_comparison_runs_both_trainers_alternately_or_says_it_is_skipped(
+    tiny_models_dir, tokenizer_dir, tmp_path
+):
+    work = tmp_path / "work"
+    (work / "tiny").mkdir(parents=True)
+    (work / "tiny" / "sd1.safetensors").symlink_to(os.path.join(tiny_models_dir, "sd1.safetensors"))
+    (work / "tokenizer").symlink_to(tokenizer_dir)
+    base = [sys.executable, "benchmarks/compare_reference.py", "--model", "tiny", "--steps", "1", "--rounds", "1",
+            "--threads", "1", "--images", "2", "--resolution", "64", "--work_dir", str(work)]  # fmt: skip
+    env = {key: value for key, value in os.environ.items() if key != "SD_SCRIPTS_DIR"}
+    skipped = subprocess.run(base, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert skipped.returncode == 0 and json.loads(skipped.stdout.splitlines()[-1])["skipped"].startswith("no reference")
+    # this checkout stands in for the reference install: it takes the same command line
+    result = subprocess.run([*base, "--reference_dir", REPO_ROOT, "--reference_python", sys.executable],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = {record["name"]: record for record in map(json.loads, result.stdout.splitlines())}
+    assert set(records) == {"compare/tiny/ours", "compare/tiny/reference", "compare/tiny/ratio"}
+    for name in ("ours", "reference"):
+        record = records[f"compare/tiny/{name}"]
+        assert record["repeats"] == 1 and record["seconds"] > 0 and record["peak_rss_bytes"] > 100 * 2**20
+    ratio = records["compare/tiny/ratio"]
+    assert ratio["wall_ratio"] > 0 and ratio["peak_rss_ratio"] > 0 and ratio["goals"]["wall_ratio"] == 0.6
