@@ -81,3 +81,29 @@ def test_reference_comparison_runs_both_trainers_alternately_or_says_it_is_skipp
         assert record["repeats"] == 1 and record["seconds"] > 0 and record["peak_rss_bytes"] > 100 * 2**20
     ratio = records["compare/tiny/ratio"]
     assert ratio["wall_ratio"] > 0 and ratio["peak_rss_ratio"] > 0 and ratio["goals"]["wall_ratio"] == 0.6
+
+
+def test_gpu_suite_grid_leaves_out_what_the_trainer_refuses():
+    from benchmarks.gpu_suite import Setting, grid
+
+    settings = grid(["sd15", "flux"], [512], ["bf16", "fp8", "nf4"], [0, 8], [False, True])
+    assert Setting("flux", 512, "fp8", 8) in settings and Setting("flux", 512, "nf4", 0, True) in settings
+    assert Setting("sd15", 512, "nf4", 0, True) in settings
+    assert not [s for s in settings if s.model == "sd15" and (s.swap or s.base == "fp8")]  # the UNet offers neither
+    assert not [s for s in settings if s.swap and (s.base == "nf4" or s.compile)]
+    assert len(settings) == len(set(settings)) == 2 * 2 + 3 * 2 + 2  # sd15: bf16/nf4 x compile; flux: +2 swapped
+
+
+def test_gpu_suite_checks_itself_on_the_cpu_with_the_tiny_models(tmp_path):
+    results = tmp_path / "gpu.jsonl"
+    command = [sys.executable, "benchmarks/gpu_suite.py", "--config", "tiny", "--device", "cpu", "--models", "sd15",
+               "flux", "--bases", "bf16", "--swaps", "0", "1", "--compile", "off", "--resolutions", "64", "--steps",
+               "1", "--warmup", "1", "--results", str(results)]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=400, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = {record["name"]: record for record in map(json.loads, results.read_text().splitlines())}
+    assert sorted(records) == ["gpu/flux/64/bf16/swap0", "gpu/flux/64/bf16/swap1", "gpu/sd15/64/bf16/swap0"]
+    assert records["gpu/flux/64/bf16/swap1"]["swapped"] == [0, 2]  # the tiny FLUX's single blocks swap
+    assert all(record["seconds"] > 0 and record["peak_rss_bytes"] > 0 for record in records.values())
+    table = (tmp_path / "gpu.md").read_text()
+    assert table.count("| flux | 64 | bf16 |") == 2 and "| sd15 | 64 | bf16 | 0 | off |" in table
