@@ -474,16 +474,23 @@ def argparse_namespace():
 @pytest.mark.slow
 def test_ctrl_c_while_loading_exits_with_one_line_and_no_traceback(tiny_models_dir, toy_dataset, tokenizer_dir,
                                                                   tmp_path):  # fmt: skip
-    args = lora_args(tiny_models_dir, toy_dataset, tokenizer_dir, tmp_path / "out")
-    process = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env=cli_env(tmp_path), start_new_session=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if "training on the CPU" in line:  # the models load right after this line
-            os.killpg(process.pid, signal.SIGINT)
+    for attempt in range(3):
+        out = tmp_path / f"out{attempt}"
+        args = lora_args(tiny_models_dir, toy_dataset, tokenizer_dir, out)
+        process = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env=cli_env(tmp_path),
+                                   start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True)  # fmt: skip
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if "training on the CPU" in line:  # the models load right after this line
+                os.killpg(process.pid, signal.SIGINT)
+                break
+        output = "".join(lines) + process.communicate(timeout=120)[0]
+        if "models loaded" not in output:
             break
-    output = "".join(lines) + process.communicate(timeout=120)[0]
+        # the signal landed after the loading (this reader lagged behind the tiny run on a loaded machine): again
     assert process.returncode == 130, output
     assert "Traceback" not in output and output.count("interrupted") == 1, output
-    assert not (tmp_path / "out" / "lora.safetensors").exists()
+    assert "models loaded" not in output, output  # the signal stopped the loading
+    assert not (out / "lora.safetensors").exists()
