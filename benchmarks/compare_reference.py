@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import harness
 
 SCRIPT = "train_network.py"
+REFERENCE_TOKENIZER = "openai_clip-vit-large-patch14"
 
 
 def shared_options(model: str, dataset: str, tokenizer: str, out_dir: str, steps: int) -> list[str]:
@@ -89,15 +91,19 @@ def main() -> None:
     model = harness.full_sd15_model(args.work_dir) if args.model == "sd15" else harness.tiny_sd_model(args.work_dir)
     dataset = harness.square_image_dataset(args.work_dir, args.images, args.resolution)
     tokenizer = harness.tokenizer_folder(args.work_dir)
-    runs = {"ours": (sys.executable, harness.REPO_ROOT, ["--cpu_threads", str(args.threads)]),
-            "reference": (reference_python, args.reference_dir, [])}  # fmt: skip
+    # the reference reads --tokenizer_cache_dir/<hub id with _ for />/
+    reference_tokenizers = os.path.join(args.work_dir, "tokenizer_cache_reference")
+    if not os.path.isdir(os.path.join(reference_tokenizers, REFERENCE_TOKENIZER)):
+        shutil.copytree(tokenizer, os.path.join(reference_tokenizers, REFERENCE_TOKENIZER))
+    runs = {"ours": (sys.executable, harness.REPO_ROOT, tokenizer, ["--cpu_threads", str(args.threads)]),
+            "reference": (reference_python, args.reference_dir, reference_tokenizers, [])}  # fmt: skip
     measured: dict[str, tuple[list[float], list[int]]] = {name: ([], []) for name in runs}
     for _ in range(args.rounds):
-        for name, (python, directory, extra) in runs.items():
+        for name, (python, directory, tokenizers, extra) in runs.items():
             with tempfile.TemporaryDirectory(prefix="compare_") as temp:
                 env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(args.threads),
                            HF_HOME=os.path.join(temp, "hf_home"), PYTHONUNBUFFERED="1")  # fmt: skip
-                options = shared_options(model, dataset, tokenizer, os.path.join(temp, "out"), args.steps) + extra
+                options = shared_options(model, dataset, tokenizers, os.path.join(temp, "out"), args.steps) + extra
                 seconds, peak, _ = measure_run(python, directory, options, env)
             measured[name][0].append(seconds)
             measured[name][1].append(peak)

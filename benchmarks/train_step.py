@@ -110,7 +110,7 @@ def command_of(setting: Setting, inputs: Inputs, out_dir: str, args: argparse.Na
         "--max_train_steps", str(args.warmup + args.steps), "--learning_rate", "1e-4", "--optimizer_type", "AdamW",
         "--mixed_precision", "no", "--seed", "0", "--max_data_loader_n_workers", "0",
         "--cpu_threads", str(args.threads),
-        *setting.options,
+        *setting.options, *args.extra_args.split(),
     ]  # fmt: skip
 
 
@@ -229,7 +229,8 @@ def overhead_record(model: str, name: str, ours: list[dict], floors: list[dict],
 
 def measure_setting(model: str, name: str, inputs: Inputs, args: argparse.Namespace) -> None:
     setting = SETTINGS[name]
-    settings = {"model": model, "script": setting.script, "options": list(setting.options), "images": args.images,
+    settings = {"model": model, "script": setting.script, "options": [*setting.options, *args.extra_args.split()],
+                "images": args.images,
                 "resolution": args.resolution, "batch_size": 1, "precision": "fp32", "optimizer": "AdamW",
                 "warmup_steps": args.warmup, "launcher": args.launcher, "data_loader_workers": 0,
                 "threads": args.threads, "omp_wait_policy": args.omp_wait_policy or None, "malloc": args.malloc}
@@ -258,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--no_floor", action="store_true", help="measure ours only")
+    parser.add_argument("--extra_args", default="", help="more options for our runs, e.g. '--upcast_frozen_weights' "
+                        "to measure an option's effect (give it as --extra_args=... when it starts with --)")
     parser.add_argument("--malloc", choices=["default", "reuse"], default="default",
                         help="glibc malloc as installed, or set to keep and reuse freed buffers (see environment())")
     parser.add_argument("--launcher", choices=["accelerate", "python"], default="accelerate",

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 
 from library.errors import CheckpointError
+from library.training import half_storage
 
 
 def empty_model(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
@@ -24,9 +25,12 @@ def assign_weights(
     `dtype`. Every parameter must be given and every tensor used: otherwise CheckpointError names `what` and `source`.
 
     The dict is consumed one tensor at a time, so a file's tensors are freed as their converted copies arrive: the
-    peak is about the model in `dtype`, not the file plus the model.
+    peak is about the model in `dtype`, not the file plus the model. Under `half_storage.keeping_half_weights()`
+    the fp16 / bf16 weights of Linear and Conv2d layers (all but the model's first parameter) stay as they are and
+    their layers cast them to `dtype` as they run.
     """
     slots = _tensor_slots(model)
+    first = next((name for name, _ in model.named_parameters()), None)
     missing = sorted(set(slots) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(slots))
     if missing or unexpected:
@@ -43,7 +47,10 @@ def assign_weights(
                 f"{source}: the {what} tensor {key} has shape {tuple(tensor.shape)}, the model needs "
                 f"{tuple(current.shape)}; the file belongs to another architecture"
             )
-        if tensor.is_floating_point():
+        keep = is_parameter and name == "weight" and key != first and half_storage.keeps_half(module, tensor, dtype)
+        if keep:
+            half_storage.cast_as_it_runs(module, dtype)
+        elif tensor.is_floating_point():
             tensor = tensor.to(dtype)
         if is_parameter:
             module._parameters[name] = torch.nn.Parameter(tensor, requires_grad=current.requires_grad)

@@ -53,6 +53,13 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
     add_quantization_arguments(parser)
     add_compile_arguments(parser)
     parser.add_argument(
+        "--upcast_frozen_weights",
+        action="store_true",
+        help="in a float32 run, load frozen fp16/bf16 weights as float32 copies; by default the frozen Linear and "
+        "Conv2d weights stay in the checkpoint's precision and are cast layer by layer (same results, half the "
+        "memory for them)",
+    )
+    parser.add_argument(
         "--lowram",
         action="store_true",
         help="accepted for compatibility: models are always built without a second copy in RAM",
@@ -70,6 +77,7 @@ class MemoryOptions:
 
     full_precision: Literal["fp16", "bf16"] | None = None  # trained weights in this dtype; None: float32
     attention: Literal["sdpa", "xformers", "mem_eff_attn"] = "sdpa"
+    upcast_frozen_weights: bool = False  # float32 copies of frozen half-precision weights (the old behaviour)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, mixed_precision: str) -> MemoryOptions:
@@ -87,7 +95,7 @@ class MemoryOptions:
                 "--lowram: models are always built on the meta device and take the checkpoint's tensors, "
                 "so RAM never holds a second copy of a model; nothing else changes"
             )
-        return cls(full_precision, attention)
+        return cls(full_precision, attention, bool(getattr(args, "upcast_frozen_weights", False)))
 
     @property
     def trained_dtype(self) -> torch.dtype | None:

@@ -17,6 +17,7 @@ from library.data.latent_cache import LatentCacheOptions, cache_dataset_latents
 from library.errors import ConfigError, DatasetError
 from library.families.base import LoadedModels, ModelFamily
 from library.methods.base import TrainingMethod
+from library.training import half_storage
 from library.training import metadata as md
 from library.training.best_checkpoint import BestCheckpoint, BestCheckpointOptions, start_best_checkpoint
 from library.training.block_swap import BlockRunner, place_blocks
@@ -241,7 +242,13 @@ def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace)
     set_seed(options.loop.seed)
     started = md.new_session()
     load_start = time.perf_counter()
-    models = family.load(WEIGHT_DTYPES[options.loop.mixed_precision])
+    keep_half = not (options.memory.upcast_frozen_weights or method.trains_base_weights)
+    with half_storage.keeping_half_weights(keep_half):
+        models = family.load(WEIGHT_DTYPES[options.loop.mixed_precision])
+    kept = sum(half_storage.half_stored_layers(model) for model in [models.denoiser, models.vae, *models.text_encoders])
+    if kept:
+        logger.info("%d frozen layers keep the checkpoint's fp16/bf16 weights and compute in float32 (the same results "
+                    "with half the memory; --upcast_frozen_weights makes float32 copies)", kept)  # fmt: skip
     logger.info("models loaded in %.1f s", time.perf_counter() - load_start)
     quantize_frozen_base(options.quantization, models, method.trains_text_encoder,
                          WEIGHT_DTYPES[options.loop.mixed_precision])
