@@ -54,6 +54,14 @@ def tokenizer_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def sd_scripts_tokenizer_dir(tmp_path_factory) -> str:
+    """A --tokenizer_cache_dir folder in the layout kohya-ss sd-scripts fills (CLIP, SD 2.x, CLIP-G, T5, Gemma)."""
+    from library.testing.sd_scripts_tokenizers import write_sd_scripts_tokenizer_cache
+
+    return write_sd_scripts_tokenizer_cache(str(tmp_path_factory.mktemp("sd_scripts_tokenizers")))
+
+
+@pytest.fixture(scope="session")
 def tiny_sdxl_dir(tiny_family) -> str:
     """The tiny SDXL model as `sdxl.safetensors` (SGM layout) and `sdxl-diffusers/`."""
     return os.path.dirname(tiny_family("sdxl").files["safetensors"])

@@ -3,6 +3,8 @@ conditioning (T5 length and mask, pooled CLIP-L), the prediction, options checke
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -11,8 +13,11 @@ from library.errors import CheckpointError, ConfigError
 from library.families.flux import FluxFamily, image_position_ids, pack_latents, unpack_latents
 from library.methods.finetune import FineTuneMethod
 from library.methods.network import NetworkMethod
+from library.testing.sd_scripts_tokenizers import T5XXL
+from library.testing.tiny_flux import write_t5_tokenizer
 from library.training.entry import build_parser
 from library.training.noise import NoiseOptions
+from tests.tokenizer_helpers import assert_sd_scripts_folder_untouched, assert_tokenizer_from
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only wait
 
@@ -118,6 +123,18 @@ def test_flux_options_are_checked_before_loading(tiny_flux_dir, tmp_path):
         with pytest.raises(ConfigError, match=message):
             args = flux_args(tiny_flux_dir, *extra, method=FineTuneMethod)
             FluxFamily(args).validate(FineTuneMethod(args))
+
+
+def test_flux_t5_tokenizer_is_read_from_sd_scripts_layout_without_writing_there(sd_scripts_tokenizer_dir):
+    tokenizer = load_t5_tokenizer(cache_dir=sd_scripts_tokenizer_dir)
+    assert_tokenizer_from(tokenizer, os.path.join(sd_scripts_tokenizer_dir, T5XXL), "a photo of a red cat")
+    assert_sd_scripts_folder_untouched(sd_scripts_tokenizer_dir)
+
+
+def test_flux_t5_tokenizer_prefers_our_layout_to_sd_scripts(tmp_path):
+    for subfolder in ("t5xxl", T5XXL):
+        write_t5_tokenizer(str(tmp_path / subfolder))
+    assert load_t5_tokenizer(cache_dir=str(tmp_path)).name_or_path == str(tmp_path / "t5xxl")
 
 
 def test_flux_t5_tokenizer_is_found_offline_or_named(tiny_flux_dir, tmp_path):

@@ -12,6 +12,8 @@ from library.checkpoints import flux_keys, lumina_configs, lumina_files, lumina_
 from library.checkpoints.gemma_tokenizer import load_gemma_tokenizer
 from library.errors import CheckpointError
 from library.testing import tiny_configs, tiny_lumina
+from library.testing.sd_scripts_tokenizers import gemma2_snapshot
+from tests.tokenizer_helpers import assert_sd_scripts_folder_untouched, assert_tokenizer_from
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only wait
 
@@ -203,6 +205,13 @@ def test_lumina_tokenizer_loads_offline_and_is_not_empty(tiny_lumina_dir, tmp_pa
         assert encoded.input_ids[1][:3] == tokenizer.convert_tokens_to_ids(["<bos>", "a", "▁dog"])
         assert encoded.input_ids[1][3:] == [0] * 29 and sum(encoded.attention_mask[1]) == 3  # padded on the right
     assert type(AutoTokenizer.from_pretrained(tiny_lumina_dir["tokenizer"])).__name__ == "GemmaTokenizer"
+
+
+def test_lumina_tokenizer_is_read_from_sd_scripts_layout_without_writing_there(sd_scripts_tokenizer_dir):
+    tokenizer = load_gemma_tokenizer(cache_dir=sd_scripts_tokenizer_dir)
+    assert_tokenizer_from(tokenizer, gemma2_snapshot(sd_scripts_tokenizer_dir), "a photo of a red cat")
+    assert tokenizer.padding_side == "right"
+    assert_sd_scripts_folder_untouched(sd_scripts_tokenizer_dir)
 
 
 def test_lumina_tokenizer_refuses_empty_offline_hub_answer_and_unreadable_folder(tmp_path):

@@ -5,6 +5,7 @@ options, saving with the encoders, samples equal to the pipeline's, and the refu
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -17,11 +18,13 @@ from library.families.sd3 import SD3Family, joint_context
 from library.families.sd3_positions import PositionCrop, scaled_grid
 from library.methods.finetune import FineTuneMethod
 from library.methods.network import NetworkMethod
+from library.testing.sd_scripts_tokenizers import CLIP_G, CLIP_L, T5XXL
 from library.training import flow_matching
 from library.training.block_swap import OffloadOptions, make_runners
 from library.training.entry import build_parser
 from library.training.noise import NoiseOptions
 from networks import lora
+from tests.tokenizer_helpers import assert_sd_scripts_folder_untouched, assert_tokenizer_from
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only wait
 
@@ -49,6 +52,14 @@ def loaded_family(files, *extra: str, model: str = "sd3.5m", method=NetworkMetho
 @pytest.fixture(scope="module")
 def loaded(files):
     return loaded_family(files)
+
+
+def test_sd3_tokenizers_are_read_from_sd_scripts_layout_without_writing_there(sd_scripts_tokenizer_dir):
+    clip_l, clip_g, t5 = sd3_files.load_tokenizers(cache_dir=sd_scripts_tokenizer_dir)
+    for tokenizer, subfolder in ((clip_l, CLIP_L), (clip_g, CLIP_G), (t5, T5XXL)):
+        assert_tokenizer_from(tokenizer, os.path.join(sd_scripts_tokenizer_dir, subfolder), "a red circle, toy picture")
+    assert (clip_l.pad_token, clip_g.pad_token) == ("<|endoftext|>", "!")
+    assert_sd_scripts_folder_untouched(sd_scripts_tokenizer_dir)
 
 
 def prediction(family, models, seed: int = 0) -> torch.Tensor:

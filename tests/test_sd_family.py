@@ -11,6 +11,8 @@ import torch
 from library.checkpoints.tokenizers import load_clip_tokenizer
 from library.errors import CheckpointError
 from library.families.sd import SDFamily, frame_token_chunks, merge_chunk_states
+from library.testing.sd_scripts_tokenizers import CLIP_L, CLIP_SD2
+from tests.tokenizer_helpers import assert_sd_scripts_folder_untouched, assert_tokenizer_from
 from tests.training_helpers import parsed_args
 
 
@@ -39,6 +41,16 @@ def test_rebuilt_tokenizer_gives_the_real_clip_ids(tokenizer_dir):
 def test_sd2_tokenizer_pads_with_exclamation_mark(tmp_path):
     tokenizer = load_clip_tokenizer(v2=True, cache_dir=str(tmp_path / "tok2"))
     assert tokenizer.pad_token == "!" and tokenizer.pad_token_id == 0
+
+
+@pytest.mark.parametrize(("v2", "subfolder", "pad_token"), [(False, CLIP_L, "<|endoftext|>"), (True, CLIP_SD2, "!")])
+def test_clip_tokenizer_is_read_from_sd_scripts_layout_without_writing_there(
+    sd_scripts_tokenizer_dir, v2, subfolder, pad_token
+):
+    tokenizer = load_clip_tokenizer(v2=v2, cache_dir=sd_scripts_tokenizer_dir)
+    assert_tokenizer_from(tokenizer, os.path.join(sd_scripts_tokenizer_dir, subfolder), "a photo of a cat, masterpiece")
+    assert tokenizer.pad_token == pad_token
+    assert_sd_scripts_folder_untouched(sd_scripts_tokenizer_dir)
 
 
 def test_frame_token_chunks_gives_each_chunk_its_own_bos_and_eos():

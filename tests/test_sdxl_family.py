@@ -12,7 +12,9 @@ from library.data.dataset import build_dataset_group
 from library.errors import ConfigError
 from library.families.sdxl import SDXLFamily, size_conditioning
 from library.methods.network import NetworkMethod
+from library.testing.sd_scripts_tokenizers import CLIP_G, CLIP_L
 from library.training.entry import build_parser, run_training
+from tests.tokenizer_helpers import assert_sd_scripts_folder_untouched, assert_tokenizer_from
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only wait
 
@@ -42,6 +44,15 @@ def test_loaded_models_save_back_to_the_same_file_bit_identically(loaded, tiny_s
 
     assert sorted(saved) == sorted(original)
     assert all(torch.equal(saved[key], original[key]) and saved[key].dtype == original[key].dtype for key in original)
+
+
+def test_tokenizers_are_read_from_sd_scripts_layout_without_writing_there(tiny_sdxl_dir, sd_scripts_tokenizer_dir):
+    family = SDXLFamily(sdxl_args(os.path.join(tiny_sdxl_dir, "sdxl.safetensors"), sd_scripts_tokenizer_dir))
+    tokenizer1, tokenizer2 = family.load(torch.float32).tokenizers
+    for tokenizer, subfolder in ((tokenizer1, CLIP_L), (tokenizer2, CLIP_G)):
+        assert_tokenizer_from(tokenizer, os.path.join(sd_scripts_tokenizer_dir, subfolder), "a photo of a cat")
+    assert (tokenizer1.pad_token, tokenizer2.pad_token) == ("<|endoftext|>", "!")
+    assert_sd_scripts_folder_untouched(sd_scripts_tokenizer_dir)
 
 
 def test_encode_text_joins_penultimate_states_of_both_encoders_and_pools_encoder_2(loaded):

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from tests.conftest import run_cli
+from tests.tokenizer_helpers import assert_sd_scripts_folder_untouched
 
 KOHYA_UNET_KEY = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"
 KOHYA_TE_KEY = "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"
@@ -91,3 +92,16 @@ def test_train_network_writes_kohya_lora_from_each_format(
     metadata = assert_trained_lora(result, str(out_dir / "lora.safetensors"), architecture)
     assert metadata["ss_num_reg_images"] == "2"
     assert metadata["ss_base_model_version"] == ("sd_v2" if "--v2" in extra else "sd_v1")
+
+
+def test_train_network_reads_a_tokenizer_cache_filled_by_sd_scripts(
+    tiny_models_dir, toy_dataset, sd_scripts_tokenizer_dir, tmp_path
+):
+    out_dir = tmp_path / "out"
+    model = os.path.join(tiny_models_dir, "sd1.safetensors")
+    args = train_args(model, toy_dataset, str(out_dir), sd_scripts_tokenizer_dir, "--max_train_steps", "1")
+    result = run_cli(args, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "building the CLIP tokenizer from open-clip-torch" not in result.stdout + result.stderr
+    assert (out_dir / "lora.safetensors").is_file()
+    assert_sd_scripts_folder_untouched(sd_scripts_tokenizer_dir)

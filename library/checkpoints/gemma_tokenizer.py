@@ -12,12 +12,12 @@ import os
 from library.atomic import atomic_path
 from library.checkpoints import lumina_configs
 from library.checkpoints.hub_models import hub_offline
+from library.checkpoints.tokenizer_cache import cache_folders, our_folder, subfolder_names
 from library.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
 GEMMA_FILES = ("tokenizer.json", "tokenizer.model")
-CACHE_SUBFOLDER = "gemma2"  # inside --tokenizer_cache_dir
 # Hub repos whose cached tokenizer is the one Lumina 2 was trained with: (repo, subfolder).
 HUB_SOURCES = ((lumina_configs.GEMMA2_REPO, None), (lumina_configs.LUMINA_REPO, "tokenizer"))
 _SPECIAL_TOKENS = 5  # <pad> <eos> <bos> <unk> <mask>: all an empty Gemma tokenizer holds
@@ -50,8 +50,7 @@ def candidate_folders(path: str | None, model_dir: str | None, cache_dir: str | 
     folders = [path]
     if model_dir is not None:
         folders.append(os.path.join(model_dir, "tokenizer"))
-    if cache_dir is not None:
-        folders.append(os.path.join(cache_dir, CACHE_SUBFOLDER))
+    folders += cache_folders(cache_dir, "gemma2")
     return [folder for folder in folders if folder is not None]
 
 
@@ -94,12 +93,12 @@ def load_gemma_tokenizer(path: str | None = None, model_dir: str | None = None, 
             where = "offline" if hub_offline() else "locally or on the hub"
             raise CheckpointError(
                 f"no Gemma tokenizer found {where}: give --gemma2_tokenizer <folder with tokenizer.json>, a diffusers "
-                f"Lumina 2 folder (its tokenizer/), or --tokenizer_cache_dir with a {CACHE_SUBFOLDER}/ subfolder; a "
-                f"tokenizer of {lumina_configs.GEMMA2_REPO} or {lumina_configs.LUMINA_REPO} in the Hugging Face "
-                "cache is used too"
+                f"Lumina 2 folder (its tokenizer/), or --tokenizer_cache_dir with a {subfolder_names('gemma2')} "
+                f"subfolder; a tokenizer of {lumina_configs.GEMMA2_REPO} or {lumina_configs.LUMINA_REPO} in the "
+                "Hugging Face cache is used too"
             )
         if cache_dir is not None:
-            with atomic_path(os.path.join(cache_dir, CACHE_SUBFOLDER), suffix="") as temp:
+            with atomic_path(our_folder(cache_dir, "gemma2"), suffix="") as temp:
                 tokenizer.save_pretrained(temp)
     tokenizer.padding_side = "right"
     return tokenizer

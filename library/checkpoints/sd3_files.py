@@ -4,7 +4,6 @@ CLIP-L / CLIP-G / T5-XXL / VAE files, or a diffusers folder; saving back as one 
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from library.checkpoints import sd3_configs, sd3_keys, sd_keys
 from library.checkpoints.diffusers_folders import keep_text_model_level
 from library.checkpoints.files import load_state_dict, save_state_dict
 from library.checkpoints.t5_tokenizer import T5_FILES, load_t5_tokenizer
-from library.checkpoints.tokenizers import load_clip_tokenizer
+from library.checkpoints.tokenizers import load_clip_g_tokenizer, load_clip_tokenizer
 from library.checkpoints.weights import assign_weights, empty_model
 from library.errors import CheckpointError
 
@@ -227,16 +226,9 @@ def check_compatible(models: SD3Models) -> None:
 
 def load_tokenizers(model_dir: str | None = None, cache_dir: str | None = None, t5_path: str | None = None) -> list:
     """[CLIP-L, CLIP-G, T5] tokenizers, offline. CLIP-L pads with its end token, CLIP-G with "!" (as the releases'
-    tokenizers do); T5 comes from `t5_path`, the diffusers folder's tokenizer_3/ or the cache's t5xxl/ subfolder."""
-    from transformers import CLIPTokenizer
-
+    tokenizers do); T5 comes from `t5_path`, the diffusers folder's tokenizer_3/ or `cache_dir`."""
     clip_l = load_clip_tokenizer(False, model_dir=model_dir, cache_dir=cache_dir)
-    folder2 = os.path.join(model_dir, "tokenizer_2") if model_dir else None
-    if folder2 and os.path.isfile(os.path.join(folder2, "vocab.json")):
-        clip_g = CLIPTokenizer.from_pretrained(folder2)
-    else:
-        clip_g = copy.deepcopy(clip_l)
-        clip_g.pad_token = "!"
+    clip_g = load_clip_g_tokenizer(clip_l, model_dir=model_dir, cache_dir=cache_dir)
     folder3 = os.path.join(model_dir, "tokenizer_3") if model_dir else None
     if t5_path is None and folder3 and any(os.path.isfile(os.path.join(folder3, name)) for name in T5_FILES):
         t5_path = folder3

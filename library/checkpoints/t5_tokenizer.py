@@ -9,13 +9,13 @@ import logging
 import os
 
 from library.checkpoints.hub_models import hub_offline
+from library.checkpoints.tokenizer_cache import cache_folders, our_folder, subfolder_names
 from library.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
 T5_TOKENIZER_REPO = "google/t5-v1_1-xxl"
 T5_FILES = ("tokenizer.json", "spiece.model")
-CACHE_SUBFOLDER = "t5xxl"  # inside --tokenizer_cache_dir, beside the CLIP tokenizer's files
 T5_VOCAB_SIZE = 32100  # the real tokenizer's pieces and extra ids; an offline hub lookup may return an empty one
 
 
@@ -38,8 +38,7 @@ def candidate_folders(path: str | None, model_dir: str | None, cache_dir: str | 
     folders = [path]
     if model_dir is not None:
         folders.append(os.path.join(model_dir, "tokenizer_2"))
-    if cache_dir is not None:
-        folders.append(os.path.join(cache_dir, CACHE_SUBFOLDER))
+    folders += cache_folders(cache_dir, "t5xxl")
     return [folder for folder in folders if folder is not None]
 
 
@@ -71,9 +70,9 @@ def load_t5_tokenizer(path: str | None = None, model_dir: str | None = None, cac
         where = "offline" if offline else "locally or on the hub"
         raise CheckpointError(
             f"no T5 tokenizer found {where}: give --t5xxl_tokenizer <folder with tokenizer.json>, a diffusers FLUX "
-            f"folder (its tokenizer_2/), or --tokenizer_cache_dir with a {CACHE_SUBFOLDER}/ subfolder; a tokenizer of "
-            f"{T5_TOKENIZER_REPO} in the Hugging Face cache is used too"
+            f"folder (its tokenizer_2/), or --tokenizer_cache_dir with a {subfolder_names('t5xxl')} subfolder; a "
+            f"tokenizer of {T5_TOKENIZER_REPO} in the Hugging Face cache is used too"
         )
     if cache_dir is not None:
-        tokenizer.save_pretrained(os.path.join(cache_dir, CACHE_SUBFOLDER))
+        tokenizer.save_pretrained(our_folder(cache_dir, "t5xxl"))
     return tokenizer

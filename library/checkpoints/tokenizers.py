@@ -7,6 +7,7 @@ The vocabulary is fully determined by the 48,894 BPE merges, which the open-clip
 
 from __future__ import annotations
 
+import copy
 import gzip
 import importlib.util
 import json
@@ -14,6 +15,7 @@ import logging
 import os
 
 from library.atomic import atomic_path
+from library.checkpoints.tokenizer_cache import cache_folders
 from library.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -121,10 +123,21 @@ def rebuilt_tokenizer_folder() -> str:
     return os.path.join(constants.HF_HOME, "diffusion-trainer", "clip_tokenizer")
 
 
-def load_clip_tokenizer(v2: bool, model_dir: str | None = None, cache_dir: str | None = None):
-    """The SD tokenizer, looked up in order: the diffusers folder, `cache_dir`, the hub cache, open-clip-torch.
+def _from_folders(folders: list[str]):
+    """The tokenizer of the first of `folders` with a vocab.json that loads and is not empty, else None."""
+    for folder in folders:
+        if os.path.isfile(os.path.join(folder, "vocab.json")):
+            tokenizer = _try_load(folder)
+            if tokenizer is not None:
+                return tokenizer
+    return None
 
-    With `cache_dir` given and empty, the rebuilt tokenizer is saved there for the next run.
+
+def load_clip_tokenizer(v2: bool, model_dir: str | None = None, cache_dir: str | None = None):
+    """The SD tokenizer, looked up in order: the diffusers folder, `cache_dir` (our layout, then sd-scripts'), the
+    hub cache, open-clip-torch.
+
+    With `cache_dir` given and holding none, the rebuilt tokenizer is saved at its top for the next run.
     """
     pad_token = "!" if v2 else EOS_TOKEN
     if model_dir is not None and os.path.isdir(os.path.join(model_dir, "tokenizer")):
@@ -133,10 +146,9 @@ def load_clip_tokenizer(v2: bool, model_dir: str | None = None, cache_dir: str |
             return tokenizer
     # The vocabulary is the same for SD 1.x and 2.x; only the padding token differs, so a shared cache folder or
     # the hub cache is used with the padding of the model at hand.
-    if cache_dir is not None and os.path.isfile(os.path.join(cache_dir, "vocab.json")):
-        tokenizer = _try_load(cache_dir)
-        if tokenizer is not None:
-            return _with_pad_token(tokenizer, pad_token)
+    tokenizer = _from_folders(cache_folders(cache_dir, "clip_sd2" if v2 else "clip_l"))
+    if tokenizer is not None:
+        return _with_pad_token(tokenizer, pad_token)
     repo, subfolder = (SD2_TOKENIZER_REPO, "tokenizer") if v2 else (SD1_TOKENIZER_REPO, None)
     if _in_hub_cache(repo, subfolder):
         kwargs = {"subfolder": subfolder} if subfolder else {}
@@ -154,3 +166,15 @@ def load_clip_tokenizer(v2: bool, model_dir: str | None = None, cache_dir: str |
     if tokenizer is None:
         raise CheckpointError(f"the CLIP tokenizer written to {target} could not be loaded")
     return tokenizer
+
+
+def load_clip_g_tokenizer(clip_l, model_dir: str | None = None, cache_dir: str | None = None):
+    """The second CLIP tokenizer of SDXL / SD3 (OpenCLIP ViT-bigG): the diffusers folder's tokenizer_2/, else
+    sd-scripts' copy in `cache_dir` or a copy of `clip_l` (the same vocabulary), padding with "!" as the releases'
+    tokenizer_2/ does."""
+    tokenizer = _from_folders([os.path.join(model_dir, "tokenizer_2")] if model_dir else [])
+    if tokenizer is not None:
+        return tokenizer
+    # sd-scripts saves the hub repo's tokenizer as it is and sets the padding to "!" (id 0) after loading it
+    tokenizer = _from_folders(cache_folders(cache_dir, "clip_g"))
+    return _with_pad_token(copy.deepcopy(clip_l) if tokenizer is None else tokenizer, "!")

@@ -113,7 +113,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         type=str,
         default=None,
         help="folder with the CLIP tokenizer's files and a t5xxl/ subfolder with the T5 tokenizer (for offline "
-        "training); a CLIP tokenizer rebuilt from open-clip-torch is saved there on first use",
+        "training), or one kohya-ss sd-scripts filled (openai_clip-vit-large-patch14/, google_t5-v1_1-xxl/; read "
+        "only); a CLIP tokenizer rebuilt from open-clip-torch is saved at its top on first use",
     )
     parser.add_argument(
         "--t5xxl_tokenizer",

@@ -125,14 +125,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         type=str,
         default=None,
         help="folder of the Gemma tokenizer (tokenizer.json, or tokenizer.model with sentencepiece installed); by "
-        "default the diffusers folder's tokenizer/, --tokenizer_cache_dir/gemma2 or the Hugging Face cache",
+        "default the diffusers folder's tokenizer/, --tokenizer_cache_dir (gemma2/ or sd-scripts' layout) or the "
+        "Hugging Face cache",
     )
     parser.add_argument(
         "--tokenizer_cache_dir",
         type=str,
         default=None,
-        help="folder whose gemma2/ subfolder holds the Gemma tokenizer (for offline training); a tokenizer found in "
-        "the Hugging Face cache is saved there on first use",
+        help="folder whose gemma2/ subfolder holds the Gemma tokenizer (for offline training), or one kohya-ss "
+        "sd-scripts filled (models--google--gemma-2-2b/; read only); a tokenizer found in the Hugging Face cache is "
+        "saved in its gemma2/ on first use",
     )
 
 

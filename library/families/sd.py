@@ -104,7 +104,9 @@ def add_shared_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--tokenizer_cache_dir",
         type=str,
         default=None,
-        help="folder to read the CLIP tokenizer from, or to save it in on first use (for offline training)",
+        help="folder to read the CLIP tokenizer from (for offline training): its files at the top, or the "
+        "subfolders kohya-ss sd-scripts fills (openai_clip-vit-large-patch14/ ...; read only); a CLIP tokenizer "
+        "rebuilt from open-clip-torch is saved at its top on first use",
     )
 
 

@@ -8,7 +8,6 @@ crop. The DDPM objective and caption tokenization are SD's.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import logging
 import os
@@ -20,7 +19,7 @@ from library.adapters.targets import with_text_model_level
 from library.checkpoints import sd_keys, sdxl_keys
 from library.checkpoints.files import load_state_dict
 from library.checkpoints.hub_models import hub_offline
-from library.checkpoints.tokenizers import load_clip_tokenizer
+from library.checkpoints.tokenizers import load_clip_g_tokenizer, load_clip_tokenizer
 from library.checkpoints.weights import assign_weights, empty_model
 from library.errors import CheckpointError, ConfigError
 from library.families.base import LoadedModels, ModelFamily
@@ -238,15 +237,9 @@ class SDXLFamily(SDFamily):
 
     def _tokenizers(self, model_dir: str | None) -> list:
         """Encoder 1 pads with its end token, encoder 2 (OpenCLIP) with "!", as the release's tokenizers do."""
-        from transformers import CLIPTokenizer
-
-        tokenizer1 = load_clip_tokenizer(False, model_dir=model_dir, cache_dir=self.options.tokenizer_cache_dir)
-        folder2 = os.path.join(model_dir, "tokenizer_2") if model_dir else None
-        if folder2 and os.path.isfile(os.path.join(folder2, "vocab.json")):
-            return [tokenizer1, CLIPTokenizer.from_pretrained(folder2)]
-        tokenizer2 = copy.deepcopy(tokenizer1)
-        tokenizer2.pad_token = "!"
-        return [tokenizer1, tokenizer2]
+        cache_dir = self.options.tokenizer_cache_dir
+        tokenizer1 = load_clip_tokenizer(False, model_dir=model_dir, cache_dir=cache_dir)
+        return [tokenizer1, load_clip_g_tokenizer(tokenizer1, model_dir=model_dir, cache_dir=cache_dir)]
 
     def _load_vae(self, path: str, weight_dtype: torch.dtype) -> torch.nn.Module:
         vae = super()._load_vae(path, weight_dtype)

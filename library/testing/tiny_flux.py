@@ -17,7 +17,7 @@ import torch
 from library.atomic import atomic_path, atomic_write_text
 from library.checkpoints import flux_files, flux_keys, sd_keys
 from library.checkpoints.files import save_state_dict
-from library.checkpoints.t5_tokenizer import CACHE_SUBFOLDER
+from library.checkpoints.tokenizer_cache import our_folder
 from library.checkpoints.tokenizers import EOS_TOKEN, write_clip_tokenizer_files
 from library.testing import tiny_configs
 
@@ -97,7 +97,7 @@ def write_t5_tokenizer(out_dir: str) -> str:
 def write_tokenizer_cache(out_dir: str) -> str:
     """A --tokenizer_cache_dir folder: the CLIP tokenizer's files and the T5 tokenizer in its subfolder."""
     write_clip_tokenizer_files(out_dir, EOS_TOKEN)
-    write_t5_tokenizer(os.path.join(out_dir, CACHE_SUBFOLDER))
+    write_t5_tokenizer(our_folder(out_dir, "t5xxl"))
     return out_dir
 
 
@@ -112,7 +112,7 @@ def build_pipeline(models: FluxModels, tokenizer_dir: str):
         text_encoder=models.clip_l,
         tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir),
         text_encoder_2=models.t5xxl,
-        tokenizer_2=T5TokenizerFast.from_pretrained(os.path.join(tokenizer_dir, CACHE_SUBFOLDER)),
+        tokenizer_2=T5TokenizerFast.from_pretrained(our_folder(tokenizer_dir, "t5xxl")),
         transformer=models.transformer,
     )
 
