@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from library.checkpoints.tokenizers import load_clip_tokenizer
+from library.checkpoints.tokenizers import EOS_TOKEN, load_clip_tokenizer, write_clip_tokenizer_files
 from library.errors import CheckpointError
 from library.families.sd import SDFamily, frame_token_chunks, merge_chunk_states
 from library.testing.sd_scripts_tokenizers import CLIP_L, CLIP_SD2
@@ -51,6 +51,17 @@ def test_clip_tokenizer_is_read_from_sd_scripts_layout_without_writing_there(
     assert_tokenizer_from(tokenizer, os.path.join(sd_scripts_tokenizer_dir, subfolder), "a photo of a cat, masterpiece")
     assert tokenizer.pad_token == pad_token
     assert_sd_scripts_folder_untouched(sd_scripts_tokenizer_dir)
+
+
+@pytest.mark.parametrize(("v2", "only", "pad_token"), [(True, CLIP_L, "!"), (False, CLIP_SD2, "<|endoftext|>")])
+def test_clip_tokenizer_of_the_other_sd_version_in_sd_scripts_layout_serves_with_this_versions_padding(
+    tmp_path, v2, only, pad_token
+):
+    cache = tmp_path / "cache"
+    write_clip_tokenizer_files(str(cache / only), EOS_TOKEN if only == CLIP_L else "!")
+    tokenizer = load_clip_tokenizer(v2=v2, cache_dir=str(cache))
+    assert_tokenizer_from(tokenizer, str(cache / only), "a photo of a cat, masterpiece")
+    assert tokenizer.pad_token == pad_token and os.listdir(cache) == [only]  # nothing rebuilt at the top
 
 
 def test_frame_token_chunks_gives_each_chunk_its_own_bos_and_eos():

@@ -146,7 +146,9 @@ def load_clip_tokenizer(v2: bool, model_dir: str | None = None, cache_dir: str |
             return tokenizer
     # The vocabulary is the same for SD 1.x and 2.x; only the padding token differs, so a shared cache folder or
     # the hub cache is used with the padding of the model at hand.
-    tokenizer = _from_folders(cache_folders(cache_dir, "clip_sd2" if v2 else "clip_l"))
+    kinds = ("clip_sd2", "clip_l") if v2 else ("clip_l", "clip_sd2")  # the other version's copy serves as well
+    folders = dict.fromkeys(folder for kind in kinds for folder in cache_folders(cache_dir, kind))  # ordered, unique
+    tokenizer = _from_folders(list(folders))
     if tokenizer is not None:
         return _with_pad_token(tokenizer, pad_token)
     repo, subfolder = (SD2_TOKENIZER_REPO, "tokenizer") if v2 else (SD1_TOKENIZER_REPO, None)
