@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import re
+import signal
 import sys
 
 from library.errors import UserError
@@ -104,12 +105,20 @@ def hide_secrets_in_logs(secrets: list[str]) -> None:
         handler.addFilter(SecretFilter(secrets))
 
 
+def receive_stop_signals() -> None:
+    """Unblock SIGINT and SIGTERM, which a parent may leave blocked (the mask is inherited through exec): a blocked
+    Ctrl-C or scheduler stop would wait, unseen, until the run ends."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def run_training(family_id: str, method_id: str, description: str, argv: list[str] | None = None) -> None:
     """Parse the command line for `family_id` x `method_id` and train; user errors end with one line, exit 1."""
     from library.families import get_family_class
     from library.methods import get_method_class
     from library.training.config_file import parse_with_config_file, write_config_file
 
+    receive_stop_signals()
     family_class = get_family_class(family_id)
     method_class = get_method_class(method_id)
     parser = build_parser(family_class, method_class, description)
