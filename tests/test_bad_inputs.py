@@ -471,8 +471,9 @@ def argparse_namespace():
     return argparse.Namespace(anything=1)  # an object a weights-only load refuses
 
 
-def _block_sigint() -> None:
+def _block_and_ignore_sigint() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _signal_state(pid: int) -> str:
@@ -490,10 +491,11 @@ def test_ctrl_c_while_loading_exits_with_one_line_and_no_traceback(tiny_models_d
     for attempt in range(3):
         out = tmp_path / f"out{attempt}"
         args = lora_args(tiny_models_dir, toy_dataset, tokenizer_dir, out)
-        # started with SIGINT blocked, as a parent may leave it (the mask survives exec): the trainer unblocks it
+        # started with SIGINT blocked and ignored, as a parent may leave it (a shell's background job ignores it; both
+        # survive exec): the trainer takes it back
         process = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env=cli_env(tmp_path),
                                    start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True, preexec_fn=_block_sigint)  # fmt: skip
+                                   text=True, preexec_fn=_block_and_ignore_sigint)  # fmt: skip
         lines = []
         for line in process.stdout:
             lines.append(line)

@@ -106,10 +106,13 @@ def hide_secrets_in_logs(secrets: list[str]) -> None:
 
 
 def receive_stop_signals() -> None:
-    """Unblock SIGINT and SIGTERM, which a parent may leave blocked (the mask is inherited through exec): a blocked
-    Ctrl-C or scheduler stop would wait, unseen, until the run ends."""
+    """SIGINT and SIGTERM reach the run in every phase: unblocked (a parent may leave them blocked; the mask survives
+    exec), and SIGINT not ignored (a job a shell starts in the background inherits SIGINT ignored, and Python then
+    installs no KeyboardInterrupt for it; the training phase handles SIGINT either way, so loading does too)."""
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run_training(family_id: str, method_id: str, description: str, argv: list[str] | None = None) -> None:
