@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
+import re
 
 import pytest
 import torch
@@ -84,3 +86,48 @@ def test_lora_on_an_fp16_checkpoint_trains_the_same_weights_with_the_half_stored
     # the same sums in another order where the text encoder's gradient paths meet (the UNet's are bit-identical)
     assert all(torch.allclose(kept[key], upcast[key], rtol=1e-5, atol=1e-8) for key in kept)
     assert all(kept[key].abs().max() > 0 for key in kept if key.endswith("lora_up.weight"))  # it trained (from 0)
+
+
+def _average_loss(output: str) -> float:
+    return float(re.findall(r"average loss ([0-9.]+)", output)[-1])
+
+
+def test_fp8_base_on_a_unet_family_trains_under_gradient_checkpointing(tiny_models_dir, toy_dataset, tokenizer_dir,
+                                                                       tmp_path):  # fmt: skip
+    model = os.path.join(tiny_models_dir, "sd1.safetensors")
+    runs = {}
+    for name, extra in [("fp8", ("--fp8_base",)), ("bf16", ())]:
+        args = train_args(model, toy_dataset, str(tmp_path / name), tokenizer_dir, "--mixed_precision", "bf16",
+                          "--gradient_checkpointing", "--max_train_steps", "2", *extra)  # fmt: skip
+        result = run_cli(args, tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        runs[name] = result.stdout + result.stderr
+    assert "UNet2DConditionModel: " in runs["fp8"] and "CLIPTextModel: " in runs["fp8"]
+    assert "memory plan: denoiser: " in runs["fp8"] and "float8_e4m3fn on cpu" in runs["fp8"]
+    assert "float8" not in runs["bf16"]
+    fp8_loss, bf16_loss = _average_loss(runs["fp8"]), _average_loss(runs["bf16"])
+    assert math.isfinite(fp8_loss) and abs(fp8_loss - bf16_loss) < 0.02 * bf16_loss  # fp8 rounding, not a new model
+    fp8_lora, bf16_lora = (load_file(str(tmp_path / name / "lora.safetensors")) for name in ("fp8", "bf16"))
+    assert {key: value.shape for key, value in fp8_lora.items()} == {k: v.shape for k, v in bf16_lora.items()}
+
+
+@pytest.mark.parametrize("script, extra, fragment", [
+    ("fine_tune.py", ("--mixed_precision", "bf16"), "trains those weights"),
+    ("train_network.py", (), "--mixed_precision bf16"),
+])  # fmt: skip
+def test_fp8_base_on_a_unet_family_refuses_what_it_cannot_do(tiny_models_dir, toy_dataset, tokenizer_dir, tmp_path,
+                                                             script, extra, fragment):  # fmt: skip
+    args = train_args(os.path.join(tiny_models_dir, "sd1.safetensors"), toy_dataset, str(tmp_path / "out"),
+                      tokenizer_dir, "--fp8_base", *extra)  # fmt: skip
+    args[0] = script
+    if script == "fine_tune.py":  # no network options there
+        args = [arg for index, arg in enumerate(args) if not _network_option(args, index)]
+    result = run_cli(args, tmp_path, launcher=False)
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if " ERROR " in line]
+    assert result.returncode == 1 and len(errors) == 1 and fragment in errors[0] and "Traceback" not in output, output
+
+
+def _network_option(args: list[str], index: int) -> bool:
+    names = ("--network_dim", "--network_alpha")
+    return args[index] in names or (index > 0 and args[index - 1] in names)

@@ -31,6 +31,7 @@ from library.checkpoints.weights import assign_weights, empty_model
 from library.errors import CheckpointError, ConfigError
 from library.families.base import LoadedModels, ModelFamily, TrainingInputs
 from library.text.weighted_captions import add_weighted_caption_arguments, apply_token_weights, token_weights
+from library.training import fp8
 from library.training.noise import NoiseOptions, perturb_input_noise, sample_noise, sample_timesteps
 
 logger = logging.getLogger(__name__)
@@ -146,6 +147,9 @@ class SDFamily(ModelFamily):
         self.noise_scheduler = make_noise_scheduler(self.options.v_parameterization)
         self.is_v2 = self.options.v2
         self.weighted_captions = self.options.weighted_captions
+        self.fp8_unet = bool(getattr(args, "fp8_base", False) or getattr(args, "fp8_base_unet", False))
+        self.fp8_text_encoders = bool(getattr(args, "fp8_base", False))
+        self.mixed_precision = getattr(args, "mixed_precision", "no")
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -194,6 +198,16 @@ class SDFamily(ModelFamily):
             logger.warning("--v_parameterization without --v2: fine for v-prediction SD 1.x models, unusual otherwise")
         check_model_paths(options.pretrained_model_name_or_path, options.vae)
         refuse_other_families(options.pretrained_model_name_or_path, ("sd1", "sd2"), method)
+        self.check_fp8(method)
+
+    def check_fp8(self, method) -> None:
+        """--fp8_base / --fp8_base_unet: half-precision compute, and a method that keeps the base frozen."""
+        if not self.fp8_unet:
+            return
+        fp8.check_compute_dtype({"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mixed_precision))
+        if method is not None and method.trains_base_weights:
+            raise ConfigError(f"--fp8_base / --fp8_base_unet store the frozen base in fp8; the {method.name} method "
+                              "trains those weights. Use them with LoRA-type training")  # fmt: skip
 
     # ---- loading -------------------------------------------------------------------------------------------
 
@@ -208,7 +222,16 @@ class SDFamily(ModelFamily):
         for model in [models.denoiser, models.vae, *models.text_encoders]:
             model.requires_grad_(False)
             model.eval()
+        self.store_base_in_fp8(models, weight_dtype)
         return models
+
+    def store_base_in_fp8(self, models: LoadedModels, compute_dtype: torch.dtype) -> None:
+        """The frozen UNet (and with --fp8_base the text encoders) in fp8, cast per layer to the compute dtype."""
+        if self.fp8_unet:
+            fp8.store_in_fp8_per_layer(models.denoiser, compute_dtype, fp8.DENOISER_SKIP)
+        if self.fp8_text_encoders:
+            for encoder in models.text_encoders:
+                fp8.store_in_fp8_per_layer(encoder, compute_dtype, fp8.TEXT_ENCODER_SKIP)
 
     def _load_single_file(self, path: str, weight_dtype: torch.dtype) -> LoadedModels:
         state_dict = load_state_dict(path, allow_pickle=self.options.allow_pickle)

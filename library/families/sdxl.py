@@ -165,6 +165,7 @@ class SDXLFamily(SDFamily):
         options = self.options
         check_model_paths(options.pretrained_model_name_or_path, options.vae)
         refuse_other_families(options.pretrained_model_name_or_path, ("sdxl",), method)
+        self.check_fp8(method)
         for index, rate in enumerate(options.text_encoder_lrs, start=1):
             if rate is not None and rate < 0:
                 raise ConfigError(f"the learning rate of text encoder {index} must not be negative, got {rate}")
@@ -185,6 +186,7 @@ class SDXLFamily(SDFamily):
         for model in [models.denoiser, models.vae, *models.text_encoders]:
             model.requires_grad_(False)
             model.eval()
+        self.store_base_in_fp8(models, weight_dtype)
         return models
 
     def _load_single_file(self, path: str, weight_dtype: torch.dtype, vae_dtype: torch.dtype) -> LoadedModels:

@@ -40,16 +40,22 @@ def add_offload_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --gradient_checkpointing: keep the checkpointed block inputs in CPU memory until the backward "
         "pass needs them (cannot be combined with --blocks_to_swap)",
     )
+    add_fp8_arguments(parser)
+
+
+def add_fp8_arguments(parser: argparse.ArgumentParser) -> None:
+    """--fp8_base / --fp8_base_unet (every family; the UNet families get them without block swapping)."""
     parser.add_argument(
         "--fp8_base",
         action="store_true",
-        help="store the frozen base weights (transformer and text encoders) in float8 e4m3fn and compute in the "
-        "--mixed_precision dtype; for LoRA training",
+        help="store the frozen base weights (denoiser and text encoders) in float8 e4m3fn and compute in the "
+        "--mixed_precision dtype; for LoRA-type training",
     )
     parser.add_argument(
         "--fp8_base_unet",
         action="store_true",
-        help="like --fp8_base for the transformer only; the text encoders keep the --mixed_precision dtype",
+        help="like --fp8_base for the denoiser (UNet or transformer) only; the text encoders keep the "
+        "--mixed_precision dtype",
     )
 
 

@@ -24,7 +24,7 @@ def build_parser(family_class, method_class, description: str) -> argparse.Argum
     from library.data.latent_cache import add_latent_cache_arguments
     from library.data.text_cache import add_text_cache_arguments
     from library.training.best_checkpoint import add_best_checkpoint_arguments
-    from library.training.block_swap import add_offload_arguments
+    from library.training.block_swap import add_fp8_arguments, add_offload_arguments
     from library.training.config_file import add_config_file_arguments
     from library.training.ema import add_ema_arguments
     from library.training.fused_optimizers import add_fused_arguments
@@ -46,6 +46,8 @@ def build_parser(family_class, method_class, description: str) -> argparse.Argum
         add_text_cache_arguments(family_group, family_class.text_cache_suffix)
     if family_class.block_list_names:
         add_offload_arguments(parser.add_argument_group("block swapping and offload"))
+    else:
+        add_fp8_arguments(parser.add_argument_group("fp8 base"))
     method_group = parser.add_argument_group(f"method ({method_class.name})")
     method_class.add_arguments(method_group)
     family_class.add_method_arguments(method_class.name, method_group)

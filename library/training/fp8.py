@@ -38,3 +38,28 @@ def store_in_fp8(module: nn.Module, compute_dtype: torch.dtype, skip: tuple[str,
     name = type(module).__name__
     logger.info("%s: %d layers stored in float8 e4m3fn, computed in %s", name, converted, compute_dtype)
     return converted
+
+
+def store_in_fp8_per_layer(module: nn.Module, compute_dtype: torch.dtype, skip: tuple[str, ...]) -> int:
+    """Like `store_in_fp8` for models whose layers run under gradient checkpointing with saved weights (the UNets):
+    each frozen Linear / Conv2d weight (not matching `skip`, not the model's first parameter, which keeps the dtype
+    the model reports) is stored in fp8 and cast to `compute_dtype` by an autograd function as its layer runs, in
+    forward and backward (`half_storage.cast_as_it_runs`). diffusers' layerwise casting swaps the stored tensors
+    instead, which a recomputing checkpoint sees as changed weights. Returns the layers converted."""
+    import re
+
+    from library.training import half_storage
+
+    first = next(iter(module.parameters()), None)
+    converted = 0
+    for path, layer in module.named_modules():
+        if not half_storage.supported(layer) or layer.weight is first or layer.weight.requires_grad:
+            continue
+        if any(re.search(pattern, path) for pattern in skip):
+            continue
+        layer.weight = nn.Parameter(layer.weight.detach().to(FP8_DTYPE), requires_grad=False)
+        half_storage.cast_as_it_runs(layer, compute_dtype)
+        converted += 1
+    logger.info("%s: %d layers stored in float8 e4m3fn, computed in %s", type(module).__name__, converted,
+                compute_dtype)  # fmt: skip
+    return converted
