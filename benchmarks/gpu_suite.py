@@ -21,8 +21,8 @@ with `seconds` (median step), `peak_gpu_bytes` (torch's peak allocation over the
 and `peak_gpu_step_bytes` (the peak over the steps alone). On CUDA the lines are appended to
 `benchmarks/results/<date>-gpu.jsonl` (or `--results`) and the table `<date>-gpu.md` beside it is rewritten from
 that file.
-Settings the trainer refuses (a quantized base with swapped blocks, compile with swapped blocks, swapping or fp8 in
-the UNet families) are left out of the grid.
+Settings the trainer refuses (a quantized base with swapped blocks, compile with swapped blocks, swapping in the UNet
+families) are left out of the grid.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from benchmarks import harness
 
 MODELS = ("sd15", "sdxl", "flux")
 BASES = ("bf16", "fp8", "int8", "nf4")
-TRANSFORMERS = ("flux",)  # block lists to swap, and --fp8_base (the UNet families offer neither)
+TRANSFORMERS = ("flux",)  # block lists to swap
 FAMILY = {"sd15": "sd", "sdxl": "sdxl", "flux": "flux"}
 LORA_RANK = 16
 FLUX_TEXT_TOKENS = 512  # --t5xxl_max_token_length of FLUX.1 [dev]
@@ -63,14 +63,12 @@ class Setting:
 
 
 def grid(models, resolutions, bases, swaps, compile_values) -> list[Setting]:
-    """Every combination the trainer accepts: swapping and fp8 only in the transformer families, swapping only with
-    a bf16 or fp8 base (quantized weights do not swap), compile only without swapping."""
+    """Every combination the trainer accepts: swapping only in the transformer families and only with a bf16 or fp8
+    base (quantized weights do not swap), compile only without swapping."""
     settings = []
     for model, resolution, base, swap, compiled in itertools.product(models, resolutions, bases, swaps,
                                                                      compile_values):  # fmt: skip
         if swap and (model not in TRANSFORMERS or base in ("int8", "nf4") or compiled):
-            continue
-        if base == "fp8" and model not in TRANSFORMERS:
             continue
         settings.append(Setting(model, resolution, base, swap, compiled))
     return settings
@@ -164,8 +162,10 @@ def measure(setting: Setting, size: str, device: str, warmup: int, steps: int) -
     # against float32 outputs of quantized layers, and bf16 is slow there)
     compute = torch.bfloat16 if cuda else torch.float32
     denoiser = build_denoiser(setting.model, config, device if cuda else "cpu", compute)
-    if setting.base == "fp8":
+    if setting.base == "fp8" and setting.model in TRANSFORMERS:
         fp8.store_in_fp8(denoiser, compute, fp8.DENOISER_SKIP)
+    elif setting.base == "fp8":  # the UNet families cast per layer (library/families/sd.py)
+        fp8.store_in_fp8_per_layer(denoiser, compute, fp8.DENOISER_SKIP)
     elif setting.base in ("int8", "nf4"):
         quantize_module(denoiser, setting.base, compute, fp8.DENOISER_SKIP)
     runners = []

@@ -88,10 +88,10 @@ def test_gpu_suite_grid_leaves_out_what_the_trainer_refuses():
 
     settings = grid(["sd15", "flux"], [512], ["bf16", "fp8", "nf4"], [0, 8], [False, True])
     assert Setting("flux", 512, "fp8", 8) in settings and Setting("flux", 512, "nf4", 0, True) in settings
-    assert Setting("sd15", 512, "nf4", 0, True) in settings
-    assert not [s for s in settings if s.model == "sd15" and (s.swap or s.base == "fp8")]  # the UNet offers neither
+    assert Setting("sd15", 512, "nf4", 0, True) in settings and Setting("sd15", 512, "fp8", 0) in settings
+    assert not [s for s in settings if s.model == "sd15" and s.swap]  # the UNet has no block lists
     assert not [s for s in settings if s.swap and (s.base == "nf4" or s.compile)]
-    assert len(settings) == len(set(settings)) == 2 * 2 + 3 * 2 + 2  # sd15: bf16/nf4 x compile; flux: +2 swapped
+    assert len(settings) == len(set(settings)) == 3 * 2 + 3 * 2 + 2  # each: 3 bases x compile; flux: +2 swapped
 
 
 def test_gpu_suite_checks_itself_on_the_cpu_with_the_tiny_models(tmp_path):
