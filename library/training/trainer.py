@@ -311,6 +311,9 @@ def train(family: ModelFamily, method: TrainingMethod, args: argparse.Namespace)
         save_run_state(run, f"{options.loop.output_name}-state")
     if run.best is not None:
         run.best.report()
+    # every process reaches the end before any tears the process group down: a process that left early once
+    # deadlocked the other's gloo teardown (its runloop thread waiting for the GIL the destructor held)
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     run.uploader.finish()  # waits for background uploads; raises if any upload failed
     return path
