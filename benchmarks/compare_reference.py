@@ -90,16 +90,15 @@ def main() -> None:
          if os.path.isfile(path)), sys.executable)  # fmt: skip
     model = harness.full_sd15_model(args.work_dir) if args.model == "sd15" else harness.tiny_sd_model(args.work_dir)
     dataset = harness.square_image_dataset(args.work_dir, args.images, args.resolution)
-    tokenizer = harness.tokenizer_folder(args.work_dir)
-    # the reference reads --tokenizer_cache_dir/<hub id with _ for />/
-    reference_tokenizers = os.path.join(args.work_dir, "tokenizer_cache_reference")
-    if not os.path.isdir(os.path.join(reference_tokenizers, REFERENCE_TOKENIZER)):
-        shutil.copytree(tokenizer, os.path.join(reference_tokenizers, REFERENCE_TOKENIZER))
-    runs = {"ours": (sys.executable, harness.REPO_ROOT, tokenizer, ["--cpu_threads", str(args.threads)]),
-            "reference": (reference_python, args.reference_dir, reference_tokenizers, [])}  # fmt: skip
+    # one --tokenizer_cache_dir in the reference's layout (<hub id with _ for />/), which ours reads as well
+    tokenizers = os.path.join(args.work_dir, "tokenizer_cache_reference")
+    if not os.path.isdir(os.path.join(tokenizers, REFERENCE_TOKENIZER)):
+        shutil.copytree(harness.tokenizer_folder(args.work_dir), os.path.join(tokenizers, REFERENCE_TOKENIZER))
+    runs = {"ours": (sys.executable, harness.REPO_ROOT, ["--cpu_threads", str(args.threads)]),
+            "reference": (reference_python, args.reference_dir, [])}  # fmt: skip
     measured: dict[str, tuple[list[float], list[int]]] = {name: ([], []) for name in runs}
     for _ in range(args.rounds):
-        for name, (python, directory, tokenizers, extra) in runs.items():
+        for name, (python, directory, extra) in runs.items():
             with tempfile.TemporaryDirectory(prefix="compare_") as temp:
                 env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(args.threads),
                            HF_HOME=os.path.join(temp, "hf_home"), PYTHONUNBUFFERED="1")  # fmt: skip

@@ -4,6 +4,7 @@ compute dtype for each forward (diffusers' layerwise casting hooks), halving the
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 from torch import nn
@@ -46,8 +47,6 @@ def store_in_fp8_per_layer(module: nn.Module, compute_dtype: torch.dtype, skip: 
     the model reports) is stored in fp8 and cast to `compute_dtype` by an autograd function as its layer runs, in
     forward and backward (`half_storage.cast_as_it_runs`). diffusers' layerwise casting swaps the stored tensors
     instead, which a recomputing checkpoint sees as changed weights. Returns the layers converted."""
-    import re
-
     from library.training import half_storage
 
     first = next(iter(module.parameters()), None)
